@@ -1,0 +1,40 @@
+"""`python -m threeg_kernels`: versions, devices, and which backends run on each (with reasons)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import threeg_kernels
+from threeg_kernels import dispatch
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception as exc:  # noqa: BLE001 - report, do not crash
+        return f"not importable ({type(exc).__name__}: {exc})"
+    return triton.__version__
+
+
+def main() -> None:
+    print(f"threeg_kernels {threeg_kernels.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    else:
+        print("CUDA: not available (torch.cuda.is_available() is False)")
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        print(f"\ndevice {device} ({name})")
+        ranked = dispatch.available_backends(device)
+        print(f"  auto picks: {ranked[0] if ranked else 'nothing'}")
+        for backend in dispatch.BACKENDS:
+            reason = dispatch.unavailable_reason(backend, device)
+            print(f"  {backend:<10} {'available' if reason is None else 'missing: ' + reason}")
+
+
+if __name__ == "__main__":
+    main()

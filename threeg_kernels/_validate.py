@@ -1,0 +1,68 @@
+"""Checks of the user's arguments to `cov_pool`, with errors that name the argument and what came in."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .reference import ORDERS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Checks x / weight and returns views x (B, C, N) and weight (B, N) or None."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W) or (B, C, N); got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"x must be float16, bfloat16, float32 or float64; got {_describe(x)}"
+        )
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must have shape (B, C, H, W) or (B, C, N); got {x.dim()}-d {_describe(x)}")
+    b, c = x.shape[0], x.shape[1]
+    spatial = tuple(x.shape[2:])
+    n = math.prod(spatial)
+    if c < 1:
+        raise ValueError(f"x must have C >= 1 channels; got {_describe(x)}")
+    if n < 2:
+        raise ValueError(
+            f"x must have N = H*W >= 2 spatial positions (a covariance of one sample is zero); got {_describe(x)}"
+        )
+    x3 = x.reshape(b, c, n)
+    if weight is None:
+        return x3, None
+
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None; got {type(weight).__name__}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on the device of x ({x.device}); got {_describe(weight)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have the dtype of x ({x.dtype}); got {_describe(weight)}")
+    accepted = [(b, 1) + spatial, (b,) + spatial]
+    if len(spatial) == 2:
+        accepted.append((b, n))
+    if tuple(weight.shape) not in accepted:
+        shapes = " or ".join(str(s) for s in accepted)
+        raise ValueError(f"weight must have shape {shapes} to match x of shape {tuple(x.shape)}; got {tuple(weight.shape)}")
+    return x3, weight.reshape(b, n)
+
+
+def check_options(iters, eps, order) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
+        raise TypeError(f"iters must be an int >= 1; got {iters!r} ({type(iters).__name__})")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1; got {iters}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number >= 0; got {eps!r} ({type(eps).__name__})")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0; got {eps!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}; got {order!r}")

@@ -1,0 +1,82 @@
+"""The public functional API and module of the 3G pooling head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import dispatch
+from ._validate import canonicalise, check_options
+from .reference import compute_dtype
+
+
+def cov_pool(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    iters: int = 5,
+    eps: float = 1e-7,
+    order: str = "3g",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Global (weighted) covariance pooling with a Newton-Schulz matrix square root (3G-Net / iSQRT-COV).
+
+    Computes, per sample, Sigma = (1/N) X_w (I - 1 1^T / N) X_w^T + eps I with X_w = X * weight,
+    A = Sigma / trace(Sigma), `iters` coupled Newton-Schulz steps Y_K ~ A^{1/2}, S = sqrt(trace) Y_K,
+    and returns the C(C+1)/2 entries of one triangle of S (shared/SPEC.md section 1).
+
+    Args:
+        x: features, (B, C, H, W) or (B, C, N); float16, bfloat16, float32 or float64. N = H*W >= 2.
+        weight: optional spatial weights broadcast over channels: (B, 1, H, W), (B, H, W) or (B, N)
+            for 4-d x; (B, 1, N) or (B, N) for 3-d x. Same dtype and device as x.
+        iters: Newton-Schulz steps K >= 1 (3G-Net uses 5, iSQRT-COV 3).
+        eps: >= 0, added to the diagonal of Sigma. eps > 0 makes trace(Sigma) >= C * eps > 0.
+        order: '3g' (default; lower triangle row by row, the order the released ResNet-3G classifiers
+            were trained on) or 'mpncov' (upper triangle row by row). Part of the interface: changing
+            it silently breaks a trained classifier.
+        backend: 'auto' (the fastest backend present for x's device; the THREEG_BACKEND environment
+            variable overrides it), or one of 'reference', 'torch', 'triton', 'ext'.
+            `threeg_kernels.available_backends(device)` lists those present.
+
+    Returns:
+        (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast
+        is disabled inside) and the result cast back; float64 is computed in float64 throughout.
+
+    Non-finite inputs are not checked (that would cost a device sync): a NaN or Inf in a sample gives
+    NaN/Inf in that sample's output and gradients, and in no other sample. With eps=0, a sample whose
+    covariance is exactly zero (constant features) has trace 0 and its output is NaN; keep eps > 0.
+
+    Raises:
+        TypeError / ValueError naming the argument for malformed inputs;
+        dispatch.BackendUnavailableError when a named backend cannot run here (the message says why).
+    """
+    x3, w2 = canonicalise(x, weight)
+    check_options(iters, eps, order)
+    chosen = dispatch.resolve(backend, x3.device)
+    dtype = compute_dtype(x3.dtype)
+    with torch.autocast(device_type=x3.device.type, enabled=False):
+        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order)
+    return out.to(x.dtype)
+
+
+class CovPool(nn.Module):
+    """Module form of :func:`cov_pool`: forward(x, weight=None) -> (B, C(C+1)/2)."""
+
+    def __init__(self, iters: int = 5, eps: float = 1e-7, order: str = "3g", backend: str = "auto"):
+        super().__init__()
+        check_options(iters, eps, order)
+        if backend != "auto" and backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {dispatch.BACKENDS}; got {backend!r}")
+        self.iters, self.eps, self.order, self.backend = iters, eps, order, backend
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return cov_pool(x, weight, iters=self.iters, eps=self.eps, order=self.order, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"iters={self.iters}, eps={self.eps}, order={self.order!r}, backend={self.backend!r}"
+
+    @staticmethod
+    def output_dim(channels: int) -> int:
+        return channels * (channels + 1) // 2

@@ -1,0 +1,155 @@
+"""The "torch" backend: batched ATen ops with a hand-written backward, as registered torch ops.
+
+Forward (x: (B, C, N), weight: (B, N) or None; SPEC section 1):
+    Xc    = X_w - mu 1^T,  X_w = X * w,  mu = X_w 1 / N
+    Sigma = Xc Xc^T / N + eps I,  tr = trace(Sigma),  A = Sigma / tr
+    step 1:      T_1 = 1.5 I - 0.5 A,  Y_1 = A T_1 (= 1.5 A - 0.5 A A, one baddbmm),  Z_1 = T_1
+    step k >= 2: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1},  Y_k = Y_{k-1} T_k,  Z_k = T_k Z_{k-1} (not for k = K)
+    S = sqrt(tr) Y_K,  out = S[triangle]
+    That is 3K - 3 batched C x C products (12 for K = 5).
+
+Backward. Only the symmetric part of dL/dS matters (the head is transpose-equivariant and dX depends
+on dSigma + dSigma^T), so G_S is symmetrised first. Every iterate is a symmetric polynomial in A and
+Z_{k-1} Y_{k-1} = 3 I - 2 T_k, which turns the plain reverse step
+    dT = Y dY + dZ Z,  dY' = dY T - 0.5 Z dT,  dZ' = T dZ - 0.5 dT Y
+into one whose every quantity stays symmetric (M + M^T needs one product, not two):
+    dY_{k-1} = M + M^T - 1.5 dY_k - 0.5 Z_{k-1} dZ_k Z_{k-1},   M = dY_k T_k
+    dZ_{k-1} = N + N^T - 1.5 dZ_k - 0.5 Y_{k-1} dY_k Y_{k-1},   N = T_k dZ_k
+with dY_K = sqrt(tr) sym(G_S), dZ_K = 0 (so the first reverse step costs 3 products, the others 6), and
+    step 1 (Y_1 = A T_1, Z_1 = T_1, A = 3 I - 2 T_1):  dA = M + M^T - 1.5 dY_1 - 0.5 dZ_1,  M = dY_1 T_1
+    trace:  dSigma = (dA - (<dA, A> - 0.5 <grad, out>) I) / tr
+            (<G_S, Y_K> sqrt(tr) = <grad, out>, so Y_K itself is not needed)
+    cov:    dX_w = 2 dSigma Xc / N   (dSigma is symmetric; the centring drops out since Xc 1 = 0)
+            dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n]
+In all 3K - 2 products for K >= 2 (23 for K = 5) against 6K - 6 for the plain reverse sweep.
+
+Keep or recompute the iterates: with save_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k)
+for k = 2..K, 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so each is written in place; with False the backward re-runs the 3K-3 forward
+products from A. README.md ("keep vs recompute") has the measurement behind the default.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .._registration import register_pool_op
+from . import Loaded
+
+
+@lru_cache(maxsize=64)
+def _triangle_index(c: int, lower: bool, device: torch.device) -> torch.Tensor:
+    rows, cols = (torch.tril_indices if lower else torch.triu_indices)(c, c, device=device)
+    return rows * c + cols
+
+
+def _centred(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    xw = x if weight is None else x * weight.unsqueeze(1)
+    return xw - xw.mean(dim=2, keepdim=True)
+
+
+def _eye(c: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(c, dtype=like.dtype, device=like.device)
+
+
+def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
+    return (iters - 1, 3, b, c, c)
+
+
+def _newton_schulz(A: torch.Tensor, iters: int, keep: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns Y_K and, if keep, the (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, each written in place."""
+    b, c, _ = A.shape
+    kept = A.new_empty(_iterates_shape(b, c, iters)) if keep else None
+
+    def slot(k: int, j: int) -> Optional[torch.Tensor]:
+        return kept[k, j] if keep and k < iters - 1 else None
+
+    eye15 = 1.5 * _eye(c, A)
+    Y = torch.baddbmm(A, A, A, beta=1.5, alpha=-0.5, out=slot(0, 0))
+    Z = torch.add(eye15, A, alpha=-0.5, out=slot(0, 1))
+    for k in range(1, iters):
+        T = torch.baddbmm(eye15, Z, Y, alpha=-0.5, out=kept[k - 1, 2] if keep else None)
+        if k + 1 < iters:
+            Z = torch.bmm(T, Z, out=slot(k, 1))
+        Y = torch.bmm(Y, T, out=slot(k, 0))
+    return Y, kept
+
+
+def _sym2(m: torch.Tensor) -> torch.Tensor:
+    """M + M^T."""
+    return m + m.transpose(1, 2)
+
+
+@torch.library.custom_op("threeg::cov_pool_torch_forward", mutates_args=())
+def cov_pool_torch_forward(
+    x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, save_iterates: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, c, n = x.shape
+    xc = _centred(x, weight)
+    sigma = torch.baddbmm(eps * _eye(c, x), xc, xc.transpose(1, 2), alpha=1.0 / n)
+    tr = sigma.diagonal(dim1=1, dim2=2).sum(-1)
+    A = sigma / tr[:, None, None]
+    Y, kept = _newton_schulz(A, iters, save_iterates)
+    out = (Y.reshape(b, c * c)[:, _triangle_index(c, lower, x.device)]) * tr.sqrt()[:, None]
+    iterates = kept if save_iterates else x.new_empty(0)
+    return out, A, tr, iterates
+
+
+@torch.library.custom_op("threeg::cov_pool_torch_backward", mutates_args=())
+def cov_pool_torch_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    out: torch.Tensor,
+    A: torch.Tensor,
+    tr: torch.Tensor,
+    iterates: torch.Tensor,
+    iters: int,
+    lower: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c, n = x.shape
+    if iterates.numel() == 0:
+        _, iterates = _newton_schulz(A, iters, keep=True)
+    dS = grad.new_zeros(b, c * c)
+    dS[:, _triangle_index(c, lower, x.device)] = grad * (0.5 * tr.sqrt())[:, None]
+    dY = _sym2(dS.view(b, c, c))  # sqrt(tr) sym(G_S)
+    dZ = None
+    for k in range(iters - 1, 0, -1):
+        Yp, Zp, T = iterates[k - 1].unbind(0)
+        YdY = torch.bmm(Yp, dY)
+        if dZ is None:
+            dZ = torch.bmm(YdY, Yp).mul_(-0.5)
+            dY = _sym2(torch.bmm(dY, T)).add_(dY, alpha=-1.5)
+        else:
+            dY, dZ = (
+                torch.baddbmm(_sym2(torch.bmm(dY, T)).add_(dY, alpha=-1.5), torch.bmm(Zp, dZ), Zp, alpha=-0.5),
+                torch.baddbmm(_sym2(torch.bmm(T, dZ)).add_(dZ, alpha=-1.5), YdY, Yp, alpha=-0.5),
+            )
+    # step 1: Y_1 = A T_1, Z_1 = T_1, T_1 = 1.5 I - 0.5 A
+    T1 = torch.add(1.5 * _eye(c, A), A, alpha=-0.5)
+    dA = _sym2(torch.bmm(dY, T1)).add_(dY, alpha=-1.5)
+    if dZ is not None:
+        dA.add_(dZ, alpha=-0.5)
+    coef = (dA * A).sum((1, 2)) - 0.5 * (grad * out).sum(1)
+    dA.diagonal(dim1=1, dim2=2).sub_(coef[:, None])
+    xc = _centred(x, weight)
+    dxw = torch.bmm(dA, xc).mul_((2.0 / n) / tr[:, None, None])
+    if weight is None:
+        return dxw, x.new_empty(0)
+    return dxw * weight.unsqueeze(1), (dxw * x).sum(1)
+
+
+register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, _iterates_shape)
+
+
+# The default of save_iterates, chosen by measurement (README.md, "keep vs recompute").
+SAVE_ITERATES = True
+
+
+def pool(x, weight, iters, eps, order):
+    return cov_pool_torch_forward(x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
+
+
+LOADED = Loaded(pool=pool, unavailable_on=lambda device: None)

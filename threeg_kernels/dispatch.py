@@ -1,0 +1,81 @@
+"""The one place that knows the backends: which exist, which work on a device, and which 'auto' picks.
+
+Every backend module is imported once, here, each in its own try (importing threeg_kernels never
+needs Triton or the compiled extension); one that cannot load records the reason, and asking for it
+raises that reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .backends import Loaded
+
+BACKENDS = ("reference", "torch", "triton", "ext")
+
+# Preference of backend="auto", fastest first, per device type. Measured: README.md, "Backends".
+AUTO_ORDER = {
+    "cpu": ("ext", "torch", "reference"),
+    "cuda": ("triton", "ext", "torch", "reference"),
+}
+AUTO_ORDER_OTHER = ("torch", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name on a device where it cannot run; the message says why."""
+
+
+def _load(name: str) -> tuple[Optional[Loaded], Optional[str]]:
+    try:
+        module = importlib.import_module(f"threeg_kernels.backends.{name}_impl")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"threeg_kernels.backends.{name}_impl":
+            return None, "not implemented in this version of threeg_kernels"
+        return None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any failure to load is a reason to report, not to crash on
+        return None, f"{type(exc).__name__}: {exc}"
+    return module.LOADED, None
+
+
+_LOADED = {name: _load(name) for name in BACKENDS}
+
+
+def unavailable_reason(name: str, device) -> Optional[str]:
+    """None if backend `name` can run on `device`, else a sentence saying why not."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {name!r}")
+    loaded, reason = _LOADED[name]
+    if loaded is None:
+        return f"backend {name!r} could not be loaded ({reason})"
+    return loaded.unavailable_on(torch.device(device))
+
+
+def available_backends(device=None) -> list[str]:
+    """The backends that can run on `device` (default: CPU), in the order 'auto' prefers them."""
+    device = torch.device("cpu" if device is None else device)
+    order = AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER)
+    ranked = [n for n in order if unavailable_reason(n, device) is None]
+    return ranked + [n for n in BACKENDS if n not in ranked and unavailable_reason(n, device) is None]
+
+
+def resolve(backend: str, device: torch.device) -> Loaded:
+    """Returns the backend to run for `backend` ('auto' or a name) on `device`, or raises why not."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {BACKENDS}); got {type(backend).__name__}")
+    if backend == "auto":
+        forced = os.environ.get("THREEG_BACKEND")
+        if forced:
+            backend = forced
+        else:
+            for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
+                if unavailable_reason(name, device) is None:
+                    return _LOADED[name][0]
+            raise BackendUnavailableError(f"no backend of threeg_kernels runs on device {device}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is not available on {device}: {reason}")
+    return _LOADED[backend][0]
