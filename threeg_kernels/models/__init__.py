@@ -1,0 +1,42 @@
+"""ResNet-3G models (3G-Net, CVPR 2019) on the fused 3G pooling head, and loading their checkpoints.
+
+    >>> from threeg_kernels import models
+    >>> model = models.create_model("resnet50_3g")            # or models.resnet50_3g(num_classes=...)
+    >>> models.load_checkpoint(model, "resnet50_3g.pth.tar")  # released files, plain or training checkpoints
+    >>> logits = model(images)                                 # (B, 1000); model.forward_features -> (B, 32896)
+
+docs/models.md describes the architecture, the fused head and the checkpoint formats.
+"""
+
+from .checkpoint import CheckpointFormatError, CheckpointMismatchError, LoadReport, load_checkpoint
+from .resnet_3g import (
+    POOLED_FEATURES,
+    AtMp,
+    BasicBlock,
+    Bottleneck,
+    ResNet3G,
+    average_crops,
+    create_model,
+    list_models,
+    resnet18_3g,
+    resnet18_3g_365,
+    resnet23_3g,
+    resnet23_3g_365,
+    resnet34_3g,
+    resnet34_3g_365,
+    resnet50_3g,
+    resnet50_3g_365,
+    resnet101_3g,
+    resnet101_3g_365,
+    resnet152_3g,
+    resnet152_3g_365,
+)
+
+__all__ = [
+    "ResNet3G", "AtMp", "BasicBlock", "Bottleneck", "POOLED_FEATURES",
+    "create_model", "list_models", "average_crops",
+    "load_checkpoint", "LoadReport", "CheckpointMismatchError", "CheckpointFormatError",
+    "resnet18_3g", "resnet34_3g", "resnet23_3g", "resnet50_3g", "resnet101_3g", "resnet152_3g",
+    "resnet18_3g_365", "resnet34_3g_365", "resnet23_3g_365", "resnet50_3g_365", "resnet101_3g_365",
+    "resnet152_3g_365",
+]
