@@ -1,39 +1,106 @@
-"""Timing shared by the benchmarks: warm-up, then percentiles over repeats.
+"""Timing and memory measurement shared by the benchmarks: warm-up, then percentiles over repeats.
 
 CUDA: events around each repeat (after a synchronize); CPU: time.perf_counter.
+Memory: CUDA's allocator peak on a GPU; on CPU, where no allocator peak is kept, the bytes autograd
+saves for backward (what a training step holds between forward and backward).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
 def percentiles(samples: list[float], qs=(20, 50, 80)) -> list[float]:
-    """Nearest-rank percentiles of the samples."""
+    """Nearest-rank percentiles of the samples: the ceil(q/100 * n)-th smallest (ceil, not round:
+    Python rounds halves to even, which made p20 of 5 samples the 2nd smallest instead of the 1st)."""
     ordered = sorted(samples)
-    return [ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] for q in qs]
+    return [ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered) / 100) - 1))] for q in qs]
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Milliseconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
+
+
+def time_ms(
+    fn: Callable,
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    setup: Optional[Callable[[], object]] = None,
+) -> list[float]:
+    """Milliseconds of each of `repeats` calls of fn, after `warmup` untimed calls.
+
+    With `setup`, every call (warm-up and timed) first runs setup() untimed and passes its result:
+    fn(setup()). That times a backward alone, with a fresh forward as its setup.
+    """
+
+    def call() -> float:
+        arg = setup() if setup is not None else None
+        _sync(device)
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(arg) if setup is not None else fn()
             end.record()
             torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        call()
+    return [call() for _ in range(repeats)]
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd saves for backward while fn() runs, each storage counted once (views share it).
+
+    Measured with torch.autograd.graph.saved_tensors_hooks; tensors saved by autograd.Functions,
+    registered custom ops and compiled graphs all pass through the pack hook. Inputs saved for the
+    backward are counted too: a method that keeps them costs what one that copies them would not.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    keep = []  # holds the saved tensors until counted, so no freed address is reused and miscounted
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. wrapper subclasses)
+            return t
+        keep.append(t)
+        storages[(str(t.device), s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    del result, keep
+    return sum(storages.values())
+
+
+def peak_mb(
+    fn: Callable, device: torch.device, setup: Optional[Callable[[], object]] = None
+) -> float:
+    """Memory of one call of fn (or fn(setup()), setup excluded), in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated during the call, less what was allocated before it (so the
+    inputs every row shares are not counted). CPU: saved_tensor_bytes of the call.
+    """
+    if device.type == "cuda":
+        arg = setup() if setup is not None else None
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn(arg) if setup is not None else fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result, arg
+        return peak / 2**20
+    if setup is not None:
+        return saved_tensor_bytes(lambda: fn(setup())) / 2**20
+    return saved_tensor_bytes(fn) / 2**20

@@ -21,7 +21,8 @@ with dY_K = sqrt(tr) sym(G_S), dZ_K = 0 (so the first reverse step costs 3 produ
             (<G_S, Y_K> sqrt(tr) = <grad, out>, so Y_K itself is not needed)
     cov:    dX_w = 2 dSigma Xc / N   (dSigma is symmetric; the centring drops out since Xc 1 = 0)
             dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n]
-In all 3K - 2 products for K >= 2 (23 for K = 5) against 6K - 6 for the plain reverse sweep.
+In all 6K - 8 C x C x C products for K >= 2 (22 for K = 5; then one C x C x N for dX_w) against
+6K - 6 for the plain reverse sweep.
 
 Keep or recompute the iterates: with save_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k)
 for k = 2..K, 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so each is written in place; with False the backward re-runs the 3K-3 forward

@@ -1,0 +1,427 @@
+"""Speed of cov_pool on every backend present, side by side with the baselines users would otherwise run.
+
+    python -m benchmarks.pool_speed [--quick | --full] [--B 32 64] [--C 256] [--N 196] [--iters 5]
+        [--modes fwd bwd full] [--dtype float32 bf16] [--backends torch ...] [--baselines eigh ...]
+        [--upstream-3g PATH] [--upstream-mpncov PATH] [--json out.json] [--plot out.png]
+
+Prints one markdown table per (mode, dtype): p20/p50/p80 milliseconds, TFLOP/s against the minimal
+FLOP count (benchmarks/flops.py), memory (GPU: allocator peak of the call; CPU: bytes saved for
+backward), max relative error against the float64 reference at that shape, and each backend's
+speed-up over each baseline (p50 / p50). docs/benchmark.md explains every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import threeg_kernels
+from benchmarks import baselines
+from benchmarks.baselines import BASELINES, Method, UpstreamImportError
+from benchmarks.flops import MODES, cov_pool_flops
+from benchmarks.timing import peak_mb, percentiles, saved_tensor_bytes, time_ms
+from threeg_kernels import reference
+
+OP = "cov_pool"
+
+# Low-precision dtypes run as the head does inside an autocast region: inputs in that dtype, the call
+# under torch.autocast. Only on CUDA (CPU autocast benchmarks would measure something no one trains on).
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16", "fp16"}
+
+GPU_GRID = dict(B=[32, 64, 128, 256], C=[64, 128, 256], N=[196])
+CPU_GRID = dict(B=[32], C=[256], N=[196])
+QUICK_GRID = dict(B=[4, 8], C=[64], N=[49])
+
+RECORD_KEYS = (
+    "op", "backend", "kind", "mode", "B", "C", "N", "K", "dtype", "ms_p20", "ms_p50", "ms_p80", "tflops",
+    "peak_mb", "speedup_vs", "max_rel_err", "err_vs", "device_name", "torch_version", "triton_version",
+    "git_sha", "timestamp",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.pool_speed",
+        description="Time cov_pool (fwd, bwd, fwd+bwd) on every backend present and on the baselines.",
+        epilog=(
+            "Default grid: on CUDA B in {32,64,128,256} x C in {64,128,256}, N=196; on CPU only B=32 C=256 "
+            "N=196 (a B=256 C=256 fwd+bwd takes seconds per call on a few cores: ask for the GPU grid "
+            "with --full). --quick: B in {4,8}, C=64, N=49, 5 repeats (under a minute on 2 CPU cores). "
+            "The 'triton' backend is skipped on CPU (it only runs under the slow interpreter there)."
+        ),
+    )
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="small CPU-friendly set (B 4 8, C 64, N 49, 5 repeats)")
+    grid.add_argument("--full", action="store_true", help="the full grid on any device (slow on CPU)")
+    p.add_argument("--B", type=int, nargs="+", help="batch sizes (overrides the grid)")
+    p.add_argument("--C", type=int, nargs="+", help="channels (overrides the grid)")
+    p.add_argument("--N", type=int, nargs="+", help="spatial positions H*W (overrides the grid)")
+    p.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps K (default 5, as 3G-Net)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+                   help="float32 (default), float64; bf16 / fp16 autocast on CUDA only")
+    p.add_argument("--backends", nargs="+", help="only these backends (default: every one present)")
+    p.add_argument("--baselines", nargs="*", choices=list(BASELINES), help="only these baselines (none: no args)")
+    p.add_argument("--upstream-3g", metavar="PATH", help="a 3G-Net checkout: time its models/resnet.py head too")
+    p.add_argument("--upstream-mpncov", metavar="PATH",
+                   help="a fast-MPN-COV checkout: time its src/representation/MPNCOV.py MPNCOV layer too")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: 20 CUDA, 5 CPU and --quick)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default: 3 CUDA and --quick, 1 CPU)")
+    p.add_argument("--json", metavar="PATH", help="write one JSON record per measurement")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: p50 time vs B, one line per backend/baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is no tty)")
+    args = p.parse_args(argv)
+
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False here")
+    if args.device.type != "cuda" and AUTOCAST & set(args.dtype):
+        p.error(f"--dtype {' '.join(sorted(AUTOCAST & set(args.dtype)))}: autocast dtypes are benchmarked on CUDA only")
+    on_gpu_grid = args.full or args.device.type == "cuda"
+    grid = QUICK_GRID if args.quick else GPU_GRID if on_gpu_grid else CPU_GRID
+    for key in ("B", "C", "N"):
+        values = getattr(args, key) or grid[key]
+        if min(values) < (2 if key == "N" else 1):
+            p.error(f"--{key} must be >= {2 if key == 'N' else 1}; got {values}")
+        setattr(args, key, values)
+    if args.iters < 1:
+        p.error(f"--iters must be >= 1; got {args.iters}")
+    cuda = args.device.type == "cuda"
+    if args.repeats is None:
+        args.repeats = 20 if cuda and not args.quick else 5
+    if args.warmup is None:  # the --quick calls take a millisecond: three warm-ups cost nothing there
+        args.warmup = 3 if cuda or args.quick else 1
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats}, {args.warmup}")
+
+    present = present_backends(args.device)
+    if args.backends is not None:
+        unknown = [b for b in args.backends if b not in present]
+        if unknown:
+            p.error(f"--backends {' '.join(unknown)}: not present on {args.device} (present: {', '.join(present)})")
+    args.methods = [
+        Method(b, "backend", _backend_fn(b), baselines.EPS, "3g") for b in present if args.backends is None or b in args.backends
+    ]
+    args.methods += [BASELINES[b] for b in BASELINES if args.baselines is None or b in args.baselines]
+    try:
+        if args.upstream_3g:
+            args.methods.append(baselines.upstream_3g(args.upstream_3g))
+        if args.upstream_mpncov:
+            args.methods.append(baselines.upstream_mpncov(args.upstream_mpncov))
+    except UpstreamImportError as exc:
+        p.error(str(exc))
+    return args
+
+
+def present_backends(device: torch.device) -> list[str]:
+    """Every backend that runs on `device`, but not 'triton' on CPU (the interpreter is not a speed)."""
+    return [b for b in threeg_kernels.available_backends(device) if not (b == "triton" and device.type == "cpu")]
+
+
+def _backend_fn(name: str):
+    return lambda x, weight, iters: threeg_kernels.cov_pool(x, weight, iters=iters, eps=baselines.EPS, backend=name)
+
+
+# ------------------------------------------------------------------------------------------- metadata
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - absent or broken: record that there is none
+        return None
+    return triton.__version__
+
+
+def git_sha() -> str:
+    """HEAD of the checkout the benchmark runs from, '+dirty' when the tree has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def run_metadata(device: torch.device) -> dict:
+    return dict(
+        device_name=device_name(device),
+        torch_version=torch.__version__,
+        triton_version=triton_version(),
+        git_sha=git_sha(),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def make_inputs(b, c, n, dtype, device, seed=0):
+    """x (B, C, N), weight (B, N) in (0.1, 1.1), and one upstream gradient, drawn in float64 then cast."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, n, generator=gen, dtype=torch.float64)
+    weight = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1
+    grad = torch.randn(b, c * (c + 1) // 2, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, grad))
+
+
+def _autocast(device: torch.device, dtype_name: str):
+    if dtype_name in AUTOCAST:
+        return torch.autocast(device_type=device.type, dtype=DTYPES[dtype_name])
+    return contextlib.nullcontext()
+
+
+def _forward(fn, x, weight, iters, ctx_factory=contextlib.nullcontext):
+    """(out, x, weight) of fn on fresh leaves: x and weight require grad, as in training."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    with ctx_factory():
+        out = fn(x, weight, iters)
+    return out, x, weight
+
+
+def _backward(state, grad):
+    out, x, weight = state
+    return torch.autograd.grad(out, (x, weight), grad.to(out.dtype))
+
+
+def mode_calls(mode, method, x, weight, grad, iters, ctx_factory):
+    """(fn, setup) for time_ms / peak_mb: what one call of `mode` runs, and its untimed setup."""
+    forward = lambda: _forward(method.fn, x, weight, iters, ctx_factory)  # noqa: E731
+    if mode == "fwd":
+        return forward, None
+    if mode == "bwd":
+        return (lambda state: _backward(state, grad)), forward
+    return (lambda: _backward(forward(), grad)), None
+
+
+def _rel_err(got, want) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+
+class Truth:
+    """The float64 answers at one shape, computed once and shared by every method and mode."""
+
+    def __init__(self, x, weight, grad, iters):
+        self.x, self.weight, self.grad, self.iters = x.double(), weight.double(), grad.double(), iters
+        self._cache = {}
+
+    def kstep(self, eps, order):
+        """(out, dx, dweight) of reference.cov_pool in float64 with this eps and triangle order."""
+        key = ("kstep", eps, order)
+        if key not in self._cache:
+            fn = lambda x, w, k: reference.cov_pool(x, w, k, eps, order)  # noqa: E731
+            state = _forward(fn, self.x, self.weight, self.iters)
+            self._cache[key] = (state[0].detach(), *_backward(state, self.grad))
+        return self._cache[key]
+
+    def exact(self, eps, order):
+        key = ("exact", eps, order)
+        if key not in self._cache:
+            self._cache[key] = baselines.exact_sqrt_triangle(self.x, self.weight, eps, order)
+        return self._cache[key]
+
+
+def method_errors(method: Method, truth: Truth, x, weight, grad, iters, ctx_factory) -> tuple[dict, str]:
+    """Max relative error per mode (fwd: output; bwd: dx and dweight; full: all three), and what against.
+
+    The exact-sqrt baseline is compared on its output against the float64 exact square root, in every
+    mode (its gradient is that of a different function, and ill-conditioned when C > N).
+    """
+    state = _forward(method.fn, x, weight, iters, ctx_factory)
+    out = state[0]
+    if method.exact:
+        err = _rel_err(out, truth.exact(method.eps, method.order))
+        return {m: err for m in MODES}, "exact sqrt, float64 (output)"
+    dx, dw = _backward(state, grad)
+    want = truth.kstep(method.eps, method.order)
+    e_out, e_dx, e_dw = _rel_err(out, want[0]), _rel_err(dx, want[1]), _rel_err(dw, want[2])
+    return {"fwd": e_out, "bwd": max(e_dx, e_dw), "full": max(e_out, e_dx, e_dw)}, "reference, float64"
+
+
+def _progress(total: int, disable: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dev dependency; without it there is simply no bar
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, file=sys.stderr, disable=disable or not sys.stderr.isatty(), unit="run", leave=False)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device, meta = args.device, run_metadata(args.device)
+    shapes = [(b, c, n) for c in args.C for n in args.N for b in args.B]
+    total = len(shapes) * len(args.dtype) * len(args.methods) * len(args.modes)
+    records = []
+    with _progress(total, args.no_progress) as bar:
+        for dtype_name in args.dtype:
+            ctx_factory = lambda: _autocast(device, dtype_name)  # noqa: E731
+            for b, c, n in shapes:
+                x, weight, grad = make_inputs(b, c, n, DTYPES[dtype_name], device)
+                truth = Truth(x, weight, grad, args.iters)
+                for method in args.methods:
+                    if bar is not None:
+                        bar.set_description(f"{method.name} B={b} C={c} N={n} {dtype_name}")
+                    errs, err_vs = method_errors(method, truth, x, weight, grad, args.iters, ctx_factory)
+                    cpu_mb = None
+                    if device.type != "cuda":  # saved-for-backward bytes: a property of the forward
+                        cpu_mb = saved_tensor_bytes(lambda: _forward(method.fn, x, weight, args.iters, ctx_factory)) / 2**20
+                    for mode in args.modes:
+                        fn, setup = mode_calls(mode, method, x, weight, grad, args.iters, ctx_factory)
+                        ms = percentiles(time_ms(fn, device, args.warmup, args.repeats, setup=setup))
+                        flops = cov_pool_flops(b, c, n, args.iters, mode)
+                        records.append(dict(
+                            op=OP, backend=method.name, kind=method.kind, mode=mode, B=b, C=c, N=n, K=args.iters,
+                            dtype=dtype_name + ("-autocast" if dtype_name in AUTOCAST else ""),
+                            ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], tflops=flops / (ms[1] * 1e-3) / 1e12,
+                            peak_mb=cpu_mb if cpu_mb is not None else peak_mb(fn, device, setup),
+                            speedup_vs={}, max_rel_err=errs[mode], err_vs=err_vs, **meta,
+                        ))
+                        if bar is not None:
+                            bar.update(1)
+    add_speedups(records)
+    return records
+
+
+def _shape_key(r: dict) -> tuple:
+    return (r["mode"], r["B"], r["C"], r["N"], r["K"], r["dtype"])
+
+
+def add_speedups(records: list[dict]) -> None:
+    """speedup_vs[baseline] = baseline p50 / backend p50 at the same mode, shape and dtype."""
+    base = {}
+    for r in records:
+        if r["kind"] == "baseline":
+            base.setdefault(_shape_key(r), {})[r["backend"]] = r["ms_p50"]
+    for r in records:
+        if r["kind"] == "backend":
+            r["speedup_vs"] = {name: ms / r["ms_p50"] for name, ms in base.get(_shape_key(r), {}).items()}
+
+
+# -------------------------------------------------------------------------------------------- writers
+
+
+def markdown_tables(records: list[dict]) -> str:
+    """One table per (mode, dtype): rows by shape, then backends, then baselines."""
+    baseline_names = list(dict.fromkeys(r["backend"] for r in records if r["kind"] == "baseline"))
+    lines = []
+    groups = dict.fromkeys((r["mode"], r["dtype"]) for r in records)
+    for mode, dtype in groups:
+        rows = [r for r in records if r["mode"] == mode and r["dtype"] == dtype]
+        rows.sort(key=lambda r: (r["C"], r["N"], r["B"], r["kind"] != "backend"))
+        lines.append(f"\n{mode} ({ {'fwd': 'forward', 'bwd': 'backward', 'full': 'forward + backward'}[mode] }), "
+                     f"{dtype}, K={rows[0]['K']}\n")
+        head = ["method", "B", "C", "N", "ms p50 (p20-p80)", "TFLOP/s", "peak MB", "max rel err"]
+        head += [f"x vs {name}" for name in baseline_names]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            flag = " (exact sqrt)" if r["err_vs"].startswith("exact") else ""
+            cells = [
+                r["backend"] + ("" if r["kind"] == "backend" else " *"), str(r["B"]), str(r["C"]), str(r["N"]),
+                f"{_fmt_ms(r['ms_p50'])} ({_fmt_ms(r['ms_p20'])}-{_fmt_ms(r['ms_p80'])})",
+                f"{r['tflops']:.3g}",
+                f"{r['peak_mb']:.3g}", f"{r['max_rel_err']:.1e}{flag}",
+            ]
+            cells += [f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else "" for name in baseline_names]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def write_json(records: list[dict], path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+
+
+def write_plot(records: list[dict], path) -> None:
+    """p50 ms vs B (log-log), one panel per (mode, C, N), one line per method and dtype; p20-p80 shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["mode"], r["C"], r["N"]) for r in records))
+    modes = list(dict.fromkeys(p[0] for p in panels))
+    cols = max(sum(p[0] == m for p in panels) for m in modes)
+    fig, axes = plt.subplots(len(modes), cols, figsize=(4.2 * cols, 3.4 * len(modes)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    multi_dtype = len({r["dtype"] for r in records}) > 1
+    for mode_row, mode in enumerate(modes):
+        for col, (_, c, n) in enumerate(p for p in panels if p[0] == mode):
+            ax = axes[mode_row][col]
+            ax.set_visible(True)
+            rows = [r for r in records if (r["mode"], r["C"], r["N"]) == (mode, c, n)]
+            for name, dtype in dict.fromkeys((r["backend"], r["dtype"]) for r in rows):
+                line = sorted((r for r in rows if (r["backend"], r["dtype"]) == (name, dtype)), key=lambda r: r["B"])
+                bs = [r["B"] for r in line]
+                label = name + (f" {dtype}" if multi_dtype else "")
+                style = "-o" if line[0]["kind"] == "backend" else "--s"
+                ax.plot(bs, [r["ms_p50"] for r in line], style, label=label, markersize=4)
+                ax.fill_between(bs, [r["ms_p20"] for r in line], [r["ms_p80"] for r in line], alpha=0.12)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{mode}, C={c}, N={n}, K={rows[0]['K']}", fontsize=9)
+            ax.set_xlabel("B")
+            ax.set_ylabel("ms (p50)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"cov_pool on {records[0]['device_name']} (torch {records[0]['torch_version']})", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    names = ", ".join(m.name for m in args.methods if m.kind == "backend")
+    print(f"cov_pool on {args.device} ({device_name(args.device)}), torch {torch.__version__}; "
+          f"backends: {names}; {args.warmup} warm-up + {args.repeats} timed calls each")
+    if args.device.type == "cpu" and "triton" in threeg_kernels.available_backends(args.device):
+        print("(triton skipped on CPU: it runs only under the interpreter there)")
+    records = run(args)
+    print(markdown_tables(records))
+    print("\n* baseline (a re-statement of the published method; docs/benchmark.md). "
+          + ("peak MB: bytes saved for backward." if args.device.type != "cuda"
+             else "peak MB: allocator peak during the call, inputs excluded."))
+    if args.json:
+        write_json(records, args.json)
+        print(f"wrote {len(records)} records to {args.json}")
+    if args.plot:
+        write_plot(records, args.plot)
+        print(f"wrote {args.plot}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

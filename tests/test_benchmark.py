@@ -1,0 +1,229 @@
+"""The benchmark (python -m benchmarks.pool_speed): FLOP model, baselines, timing helpers, writers, runs."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from benchmarks import baselines
+from benchmarks.baselines import BASELINES
+from benchmarks.flops import cov_pool_flops
+from benchmarks.pool_speed import RECORD_KEYS, main, present_backends, write_json, write_plot
+from benchmarks.timing import percentiles, saved_tensor_bytes, time_ms
+from tests.helpers import make_case, rel_err
+from threeg_kernels import reference
+
+
+# ------------------------------------------------------------------------------------------- FLOP model
+
+
+def test_flops_hand_count():
+    # B=1, C=2, N=3: a general 2x2x2 product is F = 2*1*2^3 = 16 FLOP, one with a symmetric result
+    # H = 1*2^2*3 = 12 (3 entries of one triangle, 2C = 4 FLOP each); the covariance (3 entries, 2N = 6
+    # each) 18; dL/dX_w = 2 dSigma Xc / N (4 entries, 2N = 6 each) 24.
+    # K=1: fwd = cov + Y_1 = A T_1 (H)              = 18 + 12        = 30;  bwd = dY T_1 (F) + dX_w  = 16 + 24 = 40
+    # K=2: fwd = cov + A T_1, Z Y, Y T (3 H)         = 18 + 36        = 54
+    #      bwd = step 2 (Y dY, dY T: 2 F; Y dY Y: H) + step 1 (F) + dX_w = 32 + 12 + 16 + 24 = 84
+    # K=3: fwd = cov + (1 + 2 * 3 - 1) H             = 18 + 72        = 90
+    #      bwd = 84 + one middle step (4 F + 2 H = 88) = 172
+    hand = {1: (30, 40), 2: (54, 84), 3: (90, 172)}
+    for k, (fwd, bwd) in hand.items():
+        assert cov_pool_flops(1, 2, 3, k, "fwd") == fwd
+        assert cov_pool_flops(1, 2, 3, k, "bwd") == bwd
+        assert cov_pool_flops(1, 2, 3, k, "full") == fwd + bwd
+    # the forward's 12 products at K=5, and shared/PERFORMANCE.md's "about 220 GFLOP" at the ResNet-3G size
+    assert cov_pool_flops(1, 4, 2, 5, "fwd") - 1 * 4 * 5 * 2 == 12 * (4 * 4 * 5)
+    assert cov_pool_flops(256, 256, 196, 5, "full") == pytest.approx(220e9, rel=0.01)
+    with pytest.raises(ValueError, match="mode"):
+        cov_pool_flops(1, 2, 3, 1, "both")
+
+
+# -------------------------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize(
+    "name,iters,order",
+    [("isqrt-style", 5, "3g"), ("isqrt-style", 1, "mpncov"), ("autograd-style", 5, "3g"),
+     ("autograd-style", 1, "mpncov"), ("compile-ref", 5, "3g")],  # one compile-ref case: a compile takes 15-40 s here
+)
+def test_baselines_agree_with_reference_float64(name, iters, order):
+    # C=64 as in --quick: compile-ref specialises on C (B and N stay dynamic), so the smoke run below
+    # reuses this compiled graph
+    x, weight, grad = make_case(2, 64, 49, weighted=True, dtype=torch.float64, seed=1)
+    method = BASELINES[name]
+
+    got = _grads(lambda x, w: method.fn(x, w, iters, method.eps, order), x, weight, grad)
+    want = _grads(lambda x, w: reference.cov_pool(x, w, iters, method.eps, order), x, weight, grad)
+    for what, g, w in zip(("out", "dx", "dweight"), got, want):
+        assert g.shape == w.shape
+        assert rel_err(g, w) < 1e-12, f"{name} {what}: {rel_err(g, w):.1e}"
+
+
+def _grads(fn, x, weight, grad):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    out = fn(x, weight)
+    return (out, *torch.autograd.grad(out, (x, weight), grad))
+
+
+def test_eigh_baseline_is_the_exact_square_root():
+    x, weight, _ = make_case(2, 6, 20, weighted=True, dtype=torch.float64, seed=2)  # N > C: well conditioned
+    out = baselines.eigh_sqrt(x, weight, 5)
+    S = torch.zeros(2, 36, dtype=torch.float64)
+    S[:, reference.triangle_indices(6, "3g")] = out
+    S = S.view(2, 6, 6).tril()
+    S = S + S.tril(-1).transpose(1, 2)
+    sigma = reference.weighted_covariance(x, weight, baselines.EPS)
+    assert torch.allclose(S @ S, sigma, rtol=0, atol=1e-12)
+    assert BASELINES["eigh"].exact
+
+
+# -------------------------------------------------------------------------------------- timing helpers
+
+
+def test_percentiles_and_time_ms_with_setup():
+    assert percentiles([5.0, 1.0, 4.0, 2.0, 3.0]) == [1.0, 3.0, 4.0]
+    assert percentiles([float(v) for v in range(1, 11)]) == [2.0, 5.0, 8.0]
+    assert percentiles([7.0]) == [7.0, 7.0, 7.0]
+    calls = []
+    samples = time_ms(lambda s: calls.append(s), torch.device("cpu"), warmup=2, repeats=3, setup=lambda: "fresh")
+    assert len(samples) == 3 and all(ms >= 0 for ms in samples)
+    assert calls == ["fresh"] * 5
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(64, 64, requires_grad=True)
+    assert saved_tensor_bytes(lambda: (x * x).sum()) == x.nbytes  # x saved twice, one storage
+    y = torch.randn(64, 64, requires_grad=True)
+    assert saved_tensor_bytes(lambda: (x @ y).sum()) == x.nbytes + y.nbytes
+    assert saved_tensor_bytes(lambda: (x[:8] * y[:8]).sum()) == x.nbytes + y.nbytes  # views keep their storage
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+
+def _check_schema(record: dict) -> None:
+    assert tuple(record) == RECORD_KEYS
+    assert record["op"] == "cov_pool" and record["kind"] in ("backend", "baseline")
+    assert record["mode"] in ("fwd", "bwd", "full")
+    assert all(isinstance(record[k], int) for k in ("B", "C", "N", "K"))
+    assert record["ms_p20"] <= record["ms_p50"] <= record["ms_p80"]
+    assert record["tflops"] > 0 and record["peak_mb"] > 0
+    assert isinstance(record["speedup_vs"], dict) and record["max_rel_err"] >= 0
+    assert all(isinstance(record[k], str) for k in ("dtype", "device_name", "torch_version", "git_sha", "timestamp"))
+
+
+def test_quick_run_writes_every_backend_and_baseline(tmp_path, capsys):
+    # float64 (the default is float32): the compiled graph is then the one the float64 agreement test
+    # above made, so the file pays for one compile; and every K-step method must match to 1e-10.
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    main(["--quick", "--B", "4", "--dtype", "float64", "--repeats", "1", "--warmup", "0", "--json", str(out_json),
+          "--plot", str(out_png), "--no-progress"])
+    table = capsys.readouterr().out
+    records = json.loads(out_json.read_text())
+    backends = present_backends(torch.device("cpu"))
+    assert "triton" not in backends
+    expected = {(m, mode) for m in backends + list(BASELINES) for mode in ("fwd", "bwd", "full")}
+    assert {(r["backend"], r["mode"]) for r in records} == expected
+    for r in records:
+        _check_schema(r)
+        assert (r["B"], r["C"], r["N"], r["K"], r["dtype"]) == (4, 64, 49, 5, "float64")
+        if r["kind"] == "backend":
+            assert set(r["speedup_vs"]) == set(BASELINES)
+        if r["backend"] != "eigh":
+            assert r["max_rel_err"] < 1e-10, r
+        assert f"| {r['backend']}" in table
+    assert "exact sqrt" in table and out_png.stat().st_size > 0
+
+
+def _record(backend, kind, mode, b, ms):
+    return dict(
+        op="cov_pool", backend=backend, kind=kind, mode=mode, B=b, C=8, N=6, K=5, dtype="float32",
+        ms_p20=0.9 * ms, ms_p50=ms, ms_p80=1.1 * ms, tflops=1.0, peak_mb=1.0, speedup_vs={}, max_rel_err=1e-7,
+        err_vs="reference, float64", device_name="cpu", torch_version=torch.__version__, triton_version=None,
+        git_sha="abc", timestamp="2026-11-26T00:00:00+00:00",
+    )
+
+
+def test_json_and_plot_writers(tmp_path):
+    records = [_record(name, kind, mode, b, b * (2.0 if kind == "baseline" else 1.0))
+               for name, kind in (("torch", "backend"), ("eigh", "baseline"))
+               for mode in ("fwd", "full") for b in (2, 4, 8)]
+    write_json(records, tmp_path / "sub" / "r.json")
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == records
+    write_plot(records, tmp_path / "r.png")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "r.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+# ------------------------------------------------------------------------------ upstream, fake checkout
+
+FAKE_3G = """
+    import torch
+    from threeg_kernels import reference
+
+    def cov_forward(x):  # (B, C, H, W) -> Sigma with 1e-7 I, as 3G-Net's
+        return reference.weighted_covariance(x.flatten(2), None, 1e-7)
+
+    def sqrt_forward(x, numIters):
+        A, tr = reference.trace_normalise(x)
+        return reference.newton_schulz(A, numIters) * tr.sqrt()[:, None, None]
+
+    def triu_forward(x):
+        return reference.triangle(x, "3g")
+"""
+
+FAKE_MPNCOV = """
+    import torch
+    from torch import nn
+    from threeg_kernels import reference
+
+    class MPNCOV(nn.Module):
+        def __init__(self, iterNum=3, is_sqrt=True, is_vec=True, input_dim=2048, dimension_reduction=None):
+            super().__init__()
+            self.iterNum = iterNum
+
+        def forward(self, x):  # (B, C, H, W) -> (B, C(C+1)/2, 1), no eps, upper triangle row by row
+            return reference.cov_pool(x.flatten(2), None, self.iterNum, 0.0, "mpncov").unsqueeze(-1)
+"""
+
+
+def _fake_checkout(root, files):
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def test_upstream_options_with_a_fake_checkout(tmp_path, capsys):
+    root = _fake_checkout(tmp_path / "up", {"models/resnet.py": FAKE_3G, "src/representation/MPNCOV.py": FAKE_MPNCOV})
+    out_json = tmp_path / "up.json"
+    main(["--B", "2", "--C", "8", "--N", "6", "--modes", "full", "--repeats", "1", "--warmup", "0",
+          "--backends", "reference", "--baselines", "--upstream-3g", str(root), "--upstream-mpncov", str(root),
+          "--json", str(out_json), "--no-progress"])
+    records = {r["backend"]: r for r in json.loads(out_json.read_text())}
+    assert set(records) == {"reference", "upstream-3g", "upstream-mpncov"}
+    for r in records.values():
+        _check_schema(r)
+        assert r["max_rel_err"] < 1e-5, r  # each checked against the reference with its own eps and order
+    assert set(records["reference"]["speedup_vs"]) == {"upstream-3g", "upstream-mpncov"}
+    assert "upstream-mpncov" in capsys.readouterr().out
+
+
+def test_upstream_options_say_what_is_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--upstream-3g", str(tmp_path / "nowhere")])
+    assert "models/resnet.py" in capsys.readouterr().err
+    broken = _fake_checkout(tmp_path / "broken", {"models/resnet.py": "def cov_forward(x):\n    return x\n"})
+    with pytest.raises(SystemExit):
+        main(["--upstream-3g", str(broken)])
+    assert "sqrt_forward, triu_forward" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--upstream-mpncov", str(broken)])
+    assert "src/representation/MPNCOV.py" in capsys.readouterr().err
+
