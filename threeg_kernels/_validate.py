@@ -12,6 +12,9 @@ from .reference import ORDERS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Matmul input precisions of cov_pool: "ieee" (fp32-accurate, the default) or the opt-in faster modes.
+PRECISIONS = ("ieee", "tf32", "bf16")
+
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
@@ -66,3 +69,8 @@ def check_options(iters, eps, order) -> None:
         raise ValueError(f"eps must be finite and >= 0; got {eps!r}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
+
+
+def check_precision(precision) -> None:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from ._validate import canonicalise, check_options
+from ._validate import canonicalise, check_options, check_precision
 from .reference import compute_dtype
 
 
@@ -20,6 +20,7 @@ def cov_pool(
     eps: float = 1e-7,
     order: str = "3g",
     backend: str = "auto",
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Global (weighted) covariance pooling with a Newton-Schulz matrix square root (3G-Net / iSQRT-COV).
 
@@ -39,6 +40,9 @@ def cov_pool(
         backend: 'auto' (the fastest backend present for x's device; the THREEG_BACKEND environment
             variable overrides it), or one of 'reference', 'torch', 'triton', 'ext'.
             `threeg_kernels.available_backends(device)` lists those present.
+        precision: matmul inputs: 'ieee' (default; fp32-accurate), or the opt-in 'tf32' / 'bf16'
+            (tensor-core inputs, fp32 accumulation; faster, less accurate: docs/triton.md has the
+            measured error). Only the 'triton' backend accepts the opt-in modes; float64 is always ieee.
 
     Returns:
         (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast
@@ -54,28 +58,42 @@ def cov_pool(
     """
     x3, w2 = canonicalise(x, weight)
     check_options(iters, eps, order)
+    check_precision(precision)
     chosen = dispatch.resolve(backend, x3.device)
+    if precision not in chosen.precisions:
+        raise ValueError(
+            f"precision={precision!r} needs a backend that supports it (the 'triton' backend); "
+            f"backend={backend!r} on {x3.device} runs one that supports only {chosen.precisions}"
+        )
+    extra = {} if precision == "ieee" else {"precision": precision}
     dtype = compute_dtype(x3.dtype)
     with torch.autocast(device_type=x3.device.type, enabled=False):
-        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order)
+        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order, **extra)
     return out.to(x.dtype)
 
 
 class CovPool(nn.Module):
     """Module form of :func:`cov_pool`: forward(x, weight=None) -> (B, C(C+1)/2)."""
 
-    def __init__(self, iters: int = 5, eps: float = 1e-7, order: str = "3g", backend: str = "auto"):
+    def __init__(
+        self, iters: int = 5, eps: float = 1e-7, order: str = "3g", backend: str = "auto", precision: str = "ieee"
+    ):
         super().__init__()
         check_options(iters, eps, order)
+        check_precision(precision)
         if backend != "auto" and backend not in dispatch.BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {dispatch.BACKENDS}; got {backend!r}")
         self.iters, self.eps, self.order, self.backend = iters, eps, order, backend
+        self.precision = precision
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return cov_pool(x, weight, iters=self.iters, eps=self.eps, order=self.order, backend=self.backend)
+        return cov_pool(
+            x, weight, iters=self.iters, eps=self.eps, order=self.order, backend=self.backend, precision=self.precision
+        )
 
     def extra_repr(self) -> str:
-        return f"iters={self.iters}, eps={self.eps}, order={self.order!r}, backend={self.backend!r}"
+        extra = "" if self.precision == "ieee" else f", precision={self.precision!r}"
+        return f"iters={self.iters}, eps={self.eps}, order={self.order!r}, backend={self.backend!r}{extra}"
 
     @staticmethod
     def output_dim(channels: int) -> int:

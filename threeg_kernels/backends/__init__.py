@@ -19,3 +19,6 @@ class Loaded:
 
     pool: Callable  # (x (B,C,N), weight (B,N)|None, iters, eps, order) -> (B, C(C+1)/2), compute dtype
     unavailable_on: Callable[[torch.device], Optional[str]]  # why it cannot run there, or None
+    # The matmul precisions `pool` accepts as its `precision=` keyword; "ieee" (fp32-accurate) alone
+    # means pool takes no such keyword.
+    precisions: tuple[str, ...] = ("ieee",)

@@ -1,0 +1,243 @@
+"""The "triton" backend against reference.py: output, dL/dx and dL/dweight; opcheck; torch.compile.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it), on tiny shapes:
+every (program x reduction step) costs ~4 ms there. With a GPU the same tests run natively ("cuda"
+cases), plus the full head (B=64, C=256, N=196).
+
+Measured on CPU under the interpreter (2026-11-26), max |a - b| / max |b| against reference.py in the
+input's dtype, over the cases of test_matches_reference and test_multi_tile:
+    float32: out 4.0e-7, dx 7.8e-7, dweight 6.1e-7 (RTOL 1e-5);
+    float64: out 1.1e-14, dx 1.2e-14, dweight 1.5e-14 (RTOL 1e-12).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import threeg_kernels
+from threeg_kernels import dispatch, reference
+
+from .helpers import RTOL, assert_close_to_reference, make_case, rel_err, run_pool
+
+triton_impl = pytest.importorskip("threeg_kernels.backends.triton_impl")
+from threeg_kernels.ops import _tiles  # noqa: E402 - needs Triton, which the line above checks
+
+DEVICES = [d for d in ("cpu", "cuda") if dispatch.unavailable_reason("triton", d) is None]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(not DEVICES, reason="the triton backend runs on no device here")
+
+
+# The marker sits on the parameter (not applied in the fixture) so that `pytest -m cuda` selects it.
+@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16-wide tiles, so that C = 33 spans 3 x 3 tiles (mirrored stores, masked edges, several k-steps)."""
+
+    def config(c, n, dtype, precision="ieee"):
+        return _tiles.LaunchConfig(16, 16, 16, 4, 1, "ieee" if dtype == torch.float64 else precision, _tiles.INTERPRET)
+
+    monkeypatch.setattr(triton_impl, "launch_config", config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 7, 5), (2, 20, 33)])
+@pytest.mark.parametrize("iters", [1, 2, 5])
+@pytest.mark.parametrize("order", ["3g", "mpncov"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference(device, dtype, shape, iters, order, weighted):
+    x, w, g = make_case(*shape, weighted=weighted, dtype=dtype, seed=iters, device=device)
+    assert_close_to_reference("triton", x, w, g, iters=iters, order=order)
+
+
+@pytest.mark.parametrize(
+    "dtype, iters, save_iterates",
+    [(torch.float32, 1, True), (torch.float32, 3, True), (torch.float32, 3, False), (torch.float64, 2, True)],
+)
+def test_multi_tile(device, small_tiles, monkeypatch, dtype, iters, save_iterates):
+    """Several tiles per side, strided x and weight, kept or recomputed iterates."""
+    monkeypatch.setattr(triton_impl, "SAVE_ITERATES", save_iterates)
+    x, w, g = make_case(1, 33, 50, weighted=True, dtype=dtype, seed=iters, non_contiguous=True, device=device)
+    w = torch.cat([w, w], dim=1)[:, ::2]
+    assert not x.is_contiguous() and not w.is_contiguous()
+    for order in ("3g", "mpncov"):
+        assert_close_to_reference("triton", x, w, g, iters=iters, order=order)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_non_contiguous(device, weighted):
+    x, w, g = make_case(2, 12, 10, weighted=weighted, dtype=torch.float32, non_contiguous=True, device=device)
+    assert not x.is_contiguous()
+    if weighted:
+        w = torch.cat([w, w], dim=1)[:, ::2]
+        assert not w.is_contiguous()
+    assert_close_to_reference("triton", x, w, g, iters=3)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_keep_and_recompute_give_the_same_gradients(device, iters, monkeypatch):
+    x, w, g = make_case(2, 9, 11, weighted=True, dtype=torch.float64, seed=iters, device=device)
+    monkeypatch.setattr(triton_impl, "SAVE_ITERATES", True)
+    kept = run_pool("triton", x, w, g, iters=iters)
+    monkeypatch.setattr(triton_impl, "SAVE_ITERATES", False)
+    recomputed = run_pool("triton", x, w, g, iters=iters)
+    for a, b in zip(kept, recomputed):
+        # Step 1 rounds differently from A than from Sigma / tr: measured 6.6e-16 (0 for K = 1).
+        assert rel_err(a, b) <= 1e-13
+
+
+def test_orders_pinned_3x3(device):
+    """The packed output, read in each order, is the pinned entries of the full matrix S."""
+    x, w, _ = make_case(1, 3, 6, weighted=True, dtype=torch.float64, device=device)
+    A, tr = reference.trace_normalise(reference.weighted_covariance(x, w))
+    S = (tr.sqrt() * reference.newton_schulz(A, 5))[0]
+    lower = [S[0, 0], S[1, 0], S[1, 1], S[2, 0], S[2, 1], S[2, 2]]
+    upper = [S[0, 0], S[0, 1], S[0, 2], S[1, 1], S[1, 2], S[2, 2]]
+    for order, entries in (("3g", lower), ("mpncov", upper)):
+        got = threeg_kernels.cov_pool(x, w, order=order, backend="triton")[0]
+        assert rel_err(got, torch.stack(entries)) <= 1e-12
+
+
+def test_half_input_computed_in_float32(device):
+    x, w, g = make_case(2, 16, 20, weighted=True, dtype=torch.bfloat16, device=device)
+    out, dx, dw = run_pool("triton", x, w, g, iters=5)
+    assert out.dtype == dx.dtype == dw.dtype == torch.bfloat16
+    want = run_pool("reference", x.float(), w.float(), g.float(), iters=5)
+    for got, ref in zip((out, dx, dw), want):
+        assert rel_err(got, ref) <= 1e-2  # only the final rounding to bf16 (unit roundoff 2^-8) differs
+
+
+@pytest.mark.parametrize("iters, weighted", [(1, False), (3, True)])
+def test_gradcheck(device, iters, weighted):
+    """float64 finite differences against the hand-written backward."""
+    x, w, _ = make_case(1, 4, 6, weighted=weighted, dtype=torch.float64, seed=iters, device=device)
+    inputs = (x.requires_grad_(),) if w is None else (x.requires_grad_(), w.requires_grad_())
+    fn = lambda *t: threeg_kernels.cov_pool(*t, iters=iters, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("weighted, save_iterates, iters", [(False, False, 1), (True, True, 3), (True, False, 2)])
+def test_opcheck(device, weighted, save_iterates, iters):
+    x, w, g = make_case(2, 6, 7, weighted=weighted, dtype=torch.float64, device=device)
+    args = (x.requires_grad_(), None if w is None else w.requires_grad_(), iters, 1e-7, True, save_iterates)
+    torch.library.opcheck(torch.ops.threeg.cov_pool_triton_forward.default, args)
+    out, A, tr, iterates = torch.ops.threeg.cov_pool_triton_forward(*args)
+    bwd_args = (g, x.detach(), None if w is None else w.detach(), out.detach(), A, tr, iterates, iters, True)
+    torch.library.opcheck(torch.ops.threeg.cov_pool_triton_backward.default, bwd_args)
+
+
+def test_compile_fullgraph_matches_eager(device):
+    x, w, _ = make_case(2, 8, 10, weighted=True, dtype=torch.float32, device=device)
+    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend="triton").sum(-1) * 2  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    outs = []
+    for f in (fn, compiled):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = f(xl, wl)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xl.grad, wl.grad))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) <= RTOL[torch.float32]  # measured 5.6e-8 (out), 0 (grads)
+
+
+# --- precision modes ---------------------------------------------------------------------------------
+
+# Max rel. error against the float64 reference, (2, 32, 49), K = 5, weighted, measured under the
+# interpreter, which rounds the matmul inputs as the tensor cores do (_tiles.round_mantissa):
+#   ieee 6.4e-7, tf32 1.5e-3, bf16 1.1e-2 (out / dx / dweight alike; docs/triton.md).
+PRECISION_BOUND = {"ieee": 1e-5, "tf32": 5e-3, "bf16": 5e-2}
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_precision_modes_error_bound(device, precision):
+    x, w, g = make_case(2, 32, 49, weighted=True, dtype=torch.float32, seed=5, device=device)
+    got = run_pool("triton", x, w, g, iters=5, precision=precision)
+    want = run_pool("reference", x.double(), w.double(), g.double(), iters=5)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= PRECISION_BOUND[precision], errs
+    if precision != "ieee":
+        # The mode must really round the inputs (an fp32 product would be ~1e-6 off).
+        assert max(errs) > 1e-4, errs
+
+
+def test_precision_float64_stays_ieee(device):
+    x, w, _ = make_case(2, 6, 7, weighted=True, dtype=torch.float64, device=device)
+    want = threeg_kernels.cov_pool(x, w, backend="triton")
+    assert torch.equal(threeg_kernels.cov_pool(x, w, backend="triton", precision="bf16"), want)
+
+
+def test_precision_errors():
+    x = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'fp8'"):
+        threeg_kernels.cov_pool(x, backend="torch", precision="fp8")
+    with pytest.raises(ValueError, match=r"precision must be one of"):
+        threeg_kernels.CovPool(precision=None)
+    with pytest.raises(ValueError, match=r"precision='tf32' needs a backend that supports it .*backend='torch'"):
+        threeg_kernels.cov_pool(x, backend="torch", precision="tf32")
+    pool = threeg_kernels.CovPool(precision="bf16", backend="triton")
+    assert "precision='bf16'" in repr(pool)
+
+
+# --- availability ------------------------------------------------------------------------------------
+
+
+def test_unavailable_reasons(monkeypatch):
+    monkeypatch.setattr(triton_impl, "INTERPRET", False)
+    assert "TRITON_INTERPRET=1" in triton_impl.unavailable_on(torch.device("cpu"))
+    assert "'meta'" in triton_impl.unavailable_on(torch.device("meta"))
+    monkeypatch.setattr(triton_impl, "INTERPRET", True)
+    assert triton_impl.unavailable_on(torch.device("cpu")) is None
+
+
+def test_never_auto_on_cpu():
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    assert "triton" not in dispatch.AUTO_ORDER["cpu"]
+    assert dispatch.resolve("auto", x.device) is not dispatch.resolve("triton", x.device)
+
+
+# --- the GPU compiler, without a GPU -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tests above compile every kernel anyway")
+def test_kernels_compile_for_sm90():
+    """Every kernel of one fp32 forward+backward compiles to an sm_90 cubin (the interpreter checks none of
+    the GPU compiler's rules: dot shapes, branch dtypes, shared memory). ~15 s of CPU; tests/triton_compile_check.py."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.triton_compile_check", "--quick", "--arch", "90"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "variants for sm_90, 0 failed" in run.stdout
+
+
+# --- CUDA only: the real head --------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_shape_cuda(weighted):
+    x, w, g = make_case(64, 256, 196, weighted=weighted, dtype=torch.float32, device="cuda")
+    assert_close_to_reference("triton", x, w, g, iters=5)
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_full_shape_cuda_fast_modes(precision):
+    # Emulated under the interpreter at (1, 256, 196): tf32 1.2e-3, bf16 9.9e-3 (docs/triton.md).
+    x, w, g = make_case(8, 256, 196, weighted=True, dtype=torch.float32, device="cuda")
+    got = run_pool("triton", x, w, g, iters=5, precision=precision)
+    want = run_pool("reference", x.double(), w.double(), g.double(), iters=5)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= PRECISION_BOUND[precision], errs

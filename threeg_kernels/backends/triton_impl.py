@@ -1,0 +1,121 @@
+"""The "triton" backend: the Triton kernels of threeg_kernels/ops as registered torch ops.
+
+One op pair per matmul precision, each following the contract of threeg_kernels/_registration.py:
+    threeg::cov_pool_triton_forward / threeg::cov_pool_triton_backward            precision="ieee"
+    threeg::cov_pool_triton_tf32_forward / ..._tf32_backward                      precision="tf32"
+    threeg::cov_pool_triton_bf16_forward / ..._bf16_backward                      precision="bf16"
+The kernels run inside a torch.library.custom_op (not triton_op + wrap_triton, whose fake-tensor
+tracing fails on CPU): fakes and autograd come from `register_pool_op`, so opcheck and
+torch.compile(fullgraph=True) treat the op as one opaque node.
+
+Forward: covariance (1 launch), Newton-Schulz with the trace folded into step 1 and the packed
+triangle into step K (2K - 1 launches). Backward: triangle scatter (1), reverse sweep (2 per step),
+step 1 with the trace partial sums (1), row means and the covariance backward (2). Math: the
+docstrings of threeg_kernels/ops/*.py.
+
+Keep vs recompute: the forward keeps (Y_{k-1}, Z_{k-1}, T_k), k = 2..K (SAVE_ITERATES below): they
+are written by the forward anyway, so keeping costs memory (3(K-1) C^2 values a sample: 805 MB at
+B = 256, C = 256, K = 5 in fp32) and no work, while recomputing adds 3K - 4 = 11 products to the
+12 + 30 of forward+backward (+26% FLOPs, K = 5). Not measured on a GPU yet (docs/triton.md).
+
+Devices: CUDA with a working Triton driver; CPU only under TRITON_INTERPRET=1 (set before this module
+is imported), which is slow and meant for tests. float64 runs with tl.dot on float64 (exact on the
+interpreter; on GPUs it is Triton's FMA/DMMA path, unmeasured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton  # noqa: F401 - a missing Triton must fail this import; dispatch records the reason
+
+from .._registration import register_pool_op
+from ..ops._tiles import INTERPRET, PRECISIONS, launch_config
+from ..ops.covariance import covariance_backward, covariance_forward
+from ..ops.newton_schulz import newton_schulz_backward, newton_schulz_forward, newton_schulz_iterates
+from ..ops.triangle import triangle_backward
+from . import Loaded
+
+# The default of save_iterates (see the module docstring).
+SAVE_ITERATES = True
+
+
+def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
+    return (iters - 1, 3, b, c, c)
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _register(precision: str):
+    suffix = "" if precision == "ieee" else f"_{precision}"
+
+    @torch.library.custom_op(f"threeg::cov_pool_triton{suffix}_forward", mutates_args=())
+    def forward(
+        x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, save_iterates: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, c, n = x.shape
+        cfg = launch_config(c, n, x.dtype, precision)
+        with _on_device(x):
+            sigma = covariance_forward(x, weight, eps, cfg)
+            return newton_schulz_forward(sigma, iters, lower, save_iterates, cfg)
+
+    @torch.library.custom_op(f"threeg::cov_pool_triton{suffix}_backward", mutates_args=())
+    def backward(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        out: torch.Tensor,
+        A: torch.Tensor,
+        tr: torch.Tensor,
+        iterates: torch.Tensor,
+        iters: int,
+        lower: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, c, n = x.shape
+        cfg = launch_config(c, n, x.dtype, precision)
+        A = A.contiguous()
+        with _on_device(x):
+            if iterates.numel() == 0:
+                iterates = newton_schulz_iterates(A, iters, cfg)
+            dY, g_parts = triangle_backward(grad, out, tr, c, lower, cfg)
+            dA, a_parts = newton_schulz_backward(dY, A, iterates.contiguous(), iters, cfg)
+            return covariance_backward(dA, tr, a_parts, g_parts, x, weight, cfg)
+
+    register_pool_op(forward, backward, _iterates_shape)
+    return forward
+
+
+FORWARD = {precision: _register(precision) for precision in PRECISIONS}
+
+
+def pool(x, weight, iters, eps, order, precision="ieee"):
+    return FORWARD[precision](x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
+
+
+_NOT_ON_CPU = "Triton kernels run on CUDA devices; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
+
+
+def _cuda_driver_problem() -> Optional[str]:
+    try:
+        triton.runtime.driver.active.get_current_target()
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable driver; say which
+        return f"Triton has no working CUDA driver ({type(exc).__name__}: {exc})"
+    return None
+
+
+def unavailable_on(device: torch.device) -> Optional[str]:
+    if device.type == "cpu":
+        return None if INTERPRET else _NOT_ON_CPU
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False"
+        return None if INTERPRET else _cuda_driver_problem()
+    return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1); got device type {device.type!r}"
+
+
+LOADED = Loaded(pool=pool, unavailable_on=unavailable_on, precisions=PRECISIONS)

@@ -1,0 +1,122 @@
+"""Tile helpers shared by the kernels of the pooling head, and the launch settings.
+
+Conventions of every kernel here:
+- program ids: axis 0 is the sample b, axes 1 and 2 the row and column tile of a C x C matrix;
+- a symmetric result is computed on the tiles i <= j only and stored twice (tile and mirror), so a
+  C x C symmetric product costs T(T+1)/2 of the T^2 tile products (T = cdiv(C, BLOCK));
+- loads are masked (other=0, so masked entries add nothing to a product) and kept in the dtype of the
+  buffers, which is float32 or float64: the launchers cast nothing, `cov_pool` did;
+- the matmul precision is a compile-time string: "ieee" (fp32 products, the default and the only mode
+  for float64), "tf32" (tensor-core TF32 inputs, fp32 accumulation) or "bf16" (bf16 inputs, fp32
+  accumulation).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validate import PRECISIONS  # noqa: F401 - the one list of modes, re-exported for the backend
+
+# Read once: the kernels below are decorated at import, and the interpreter is chosen at decoration.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def round_mantissa(v, PRECISION: tl.constexpr):
+    """fp32 v rounded to the inputs the tensor cores see: TF32 (10-bit mantissa, rounded to nearest,
+    ties away, as cvt.rna.tf32.f32) or bf16 (7-bit mantissa, to nearest even). Bit arithmetic, because
+    the interpreter's own bf16 cast truncates and its bf16 tl.dot returns garbage (measured, Triton 3.8)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    if PRECISION == "tf32":
+        bits = (bits + 0x1000) & 0xFFFFE000
+    else:
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mm(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b in the accumulator's dtype, with the matmul inputs in PRECISION.
+
+    EMULATE (interpreter only): tf32/bf16 inputs are rounded in fp32 and multiplied exactly, which is
+    what the tensor cores compute (exact products of the rounded inputs, fp32 sums).
+    """
+    if PRECISION == "ieee":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif EMULATE:
+        acc = tl.dot(round_mantissa(a, PRECISION), round_mantissa(b, PRECISION), acc, input_precision="ieee")
+    elif PRECISION == "tf32":
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def load_tile(ptr, b, rows, cols, n_rows, n_cols, s_b, s_r, s_c):
+    """ptr[b, rows, cols] with entries outside n_rows x n_cols read as 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + b * s_b + rows[:, None] * s_r + cols[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def tile_product(acc, l_ptr, r_ptr, b, rows, cols, C, s_b, s_r, s_c,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + L[b, rows, :] @ R[b, :, cols] for two C x C matrices of the same strides."""
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        lt = load_tile(l_ptr, b, rows, ks, C, C, s_b, s_r, s_c)
+        rt = load_tile(r_ptr, b, ks, cols, C, C, s_b, s_r, s_c)
+        acc = mm(lt, rt, acc, PRECISION, EMULATE)
+    return acc
+
+
+@triton.jit
+def store_symmetric_tile(ptr, b, rows, cols, val, C, s_b, s_r, s_c, mirror):
+    """Stores tile (rows, cols) of a symmetric C x C matrix and, if mirror, its transpose at (cols, rows)."""
+    mask = (rows[:, None] < C) & (cols[None, :] < C)
+    base = ptr + b * s_b
+    tl.store(base + rows[:, None] * s_r + cols[None, :] * s_c, val, mask=mask)
+    if mirror:
+        tl.store(base + rows[:, None] * s_c + cols[None, :] * s_r, val, mask=mask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch settings of one call, chosen from the shape, dtype and device (see `launch_config`)."""
+
+    block: int  # side of the square output tiles of C x C matrices
+    block_k: int  # reduction step over C
+    block_n: int  # tile over the N spatial positions
+    num_warps: int
+    num_stages: int
+    precision: str
+    emulate: bool
+
+    def tiles(self, c: int) -> int:
+        return triton.cdiv(c, self.block)
+
+
+def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -> LaunchConfig:
+    """Launch settings for C channels and N positions.
+
+    Under the interpreter every (program x reduction step) costs ~4 ms whatever its size, so the tiles
+    cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles,
+    10 of them computed for a symmetric result) with 32-deep steps; float64 uses 32 x 16 tiles to
+    bound the register use of its FMA-based products. Not autotuned yet: no GPU has run this code
+    (docs/triton.md).
+    """
+    if dtype == torch.float64:
+        precision = "ieee"
+    if INTERPRET:
+        block = max(16, triton.next_power_of_2(min(c, 64)))
+        return LaunchConfig(block, block, max(16, triton.next_power_of_2(min(n, 64))), 4, 1, precision, True)
+    if dtype == torch.float64:
+        return LaunchConfig(32, 16, 32, 4, 2, precision, False)
+    block = 64 if c > 32 else max(16, triton.next_power_of_2(c))
+    return LaunchConfig(block, 32, 32, 4, 3, precision, False)

@@ -1,0 +1,353 @@
+"""Coupled Newton-Schulz iteration of the pooling head, forward and reverse sweep (SPEC sections 1.2-1.4, 2).
+
+Forward, from Sigma (B, C, C), K = iters:
+    step 1:      tr = trace(Sigma), A = Sigma / tr, T_1 = 1.5 I - 0.5 A,
+                 Y_1 = A T_1 = 1.5 A - 0.5 A A,  Z_1 = T_1                    (one product, of Sigma)
+    step k >= 2: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1}                            (one product)
+                 Y_k = T_k Y_{k-1},  Z_k = T_k Z_{k-1} (not for k = K)        (one launch, T_k read once)
+    out = triangle(sqrt(tr) Y_K)                                              (epilogue of the last product)
+3K - 3 products in all (12 for K = 5). Every iterate is a polynomial in A, hence symmetric, and they
+commute (so T Y = Y T): every product computes the tiles i <= j only and stores each with its mirror.
+The trace normalisation is folded into step 1 (the kernel reads the diagonal of Sigma and scales in
+registers), T = 1.5 I - 0.5 Z Y is the epilogue of its product, and the last step writes the packed
+triangle with sqrt(tr) applied (triangle.py) instead of Y_K.
+
+Kept iterates (save_iterates=True): slot k-2 of a (K-1, 3, B, C, C) buffer holds (Y_{k-1}, Z_{k-1}, T_k)
+for k = 2..K; the forward writes them there directly, so keeping costs memory and no extra traffic.
+Otherwise the forward ping-pongs between two slots and the backward recomputes the buffer from A
+(3K - 4 symmetric products: all but the last).
+
+Backward (the symmetric reverse sweep; derivation in threeg_kernels/backends/torch_impl.py):
+    dY_K = sqrt(tr) sym(G_S) (triangle.py), dZ_K = 0; for k = K..2, with U = Z_{k-1} dZ_k, V = Y_{k-1} dY_k:
+        dY_{k-1} = dY_k T_k + T_k dY_k - 1.5 dY_k - 0.5 U Z_{k-1}
+        dZ_{k-1} = T_k dZ_k + dZ_k T_k - 1.5 dZ_k - 0.5 V Y_{k-1}
+    (dY T + T dY is (dY T) + (dY T)^T; U Z = Z dZ Z and V Y = Y dY Y are symmetric; U, V are not and
+    are full products in their own launch.) Step 1, with T_1 = 1.5 I - 0.5 A:
+        dA = 1.5 dY_1 - 0.5 (dY_1 A + A dY_1) - 0.5 dZ_1
+    and the same kernel leaves the row sums of dA * A for the trace stage (covariance.py).
+Products: 2 full + 6 symmetric per reverse step k < K, 1 + 3 at k = K, 2 symmetric for step 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tiles import LaunchConfig, load_tile, mm, store_symmetric_tile, tile_product
+from .triangle import store_packed
+
+
+@triton.jit
+def _eye_tile(rows, cols):
+    return rows[:, None] == cols[None, :]
+
+
+@triton.jit
+def ns_first_step_kernel(
+    src_ptr,  # (B, C, C) float32/float64: Sigma (NORMALISE) or A (recompute)
+    A_ptr,  # (B, C, C) written when NORMALISE: A = Sigma / tr
+    Y_ptr,  # (B, C, C) written unless LAST: Y_1
+    Z_ptr,  # (B, C, C) written unless LAST: Z_1 = T_1
+    out_ptr,  # (B, C(C+1)/2) written when LAST: the packed triangle of sqrt(tr) Y_1
+    tr_ptr,  # (B,) written when NORMALISE: trace(Sigma)
+    C,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    s_ob, s_op,  # strides of out
+    NORMALISE: tl.constexpr, LAST: tl.constexpr, LOWER: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    if NORMALISE:
+        diag = tl.zeros((BLOCK,), dtype=src_ptr.dtype.element_ty)
+        for d0 in range(0, C, BLOCK):
+            ds = d0 + tl.arange(0, BLOCK)
+            diag += tl.load(src_ptr + b * s_b + ds * (s_r + s_c), mask=ds < C, other=0.0)
+        tr = tl.sum(diag, 0)
+    else:
+        tr = 1.0
+    acc = tl.zeros((BLOCK, BLOCK), dtype=src_ptr.dtype.element_ty)
+    acc = tile_product(acc, src_ptr, src_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    a = load_tile(src_ptr, b, rows, cols, C, C, s_b, s_r, s_c) / tr
+    y = 1.5 * a - (0.5 / (tr * tr)) * acc
+    mirror = ti != tj
+    if NORMALISE:
+        store_symmetric_tile(A_ptr, b, rows, cols, a, C, s_b, s_r, s_c, mirror)
+        if ti + tj == 0:
+            tl.store(tr_ptr + b, tr)
+    if LAST:
+        store_packed(out_ptr, b, s_ob, s_op, rows, cols, y * tl.sqrt(tr), C, LOWER)
+    else:
+        store_symmetric_tile(Y_ptr, b, rows, cols, y, C, s_b, s_r, s_c, mirror)
+        store_symmetric_tile(Z_ptr, b, rows, cols, tl.where(_eye_tile(rows, cols), 1.5, 0.0) - 0.5 * a,
+                             C, s_b, s_r, s_c, mirror)
+
+
+@triton.jit
+def ns_t_kernel(
+    Z_ptr,  # (B, C, C) float32/float64: Z_{k-1}
+    Y_ptr,  # (B, C, C): Y_{k-1}
+    T_ptr,  # (B, C, C) written: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1}
+    C,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=Y_ptr.dtype.element_ty)
+    acc = tile_product(acc, Z_ptr, Y_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    t = tl.where(_eye_tile(rows, cols), 1.5, 0.0) - 0.5 * acc
+    store_symmetric_tile(T_ptr, b, rows, cols, t, C, s_b, s_r, s_c, ti != tj)
+
+
+@triton.jit
+def ns_step_kernel(
+    T_ptr,  # (B, C, C) float32/float64: T_k
+    Y_ptr,  # (B, C, C): Y_{k-1}
+    Z_ptr,  # (B, C, C): Z_{k-1}; unused when LAST
+    Ynew_ptr,  # (B, C, C) written unless LAST: Y_k = T_k Y_{k-1}
+    Znew_ptr,  # (B, C, C) written unless LAST: Z_k = T_k Z_{k-1}
+    out_ptr,  # (B, C(C+1)/2) written when LAST: the packed triangle of sqrt(tr) Y_K
+    tr_ptr,  # (B,) trace of Sigma; read when LAST
+    C,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    s_ob, s_op,  # strides of out
+    LAST: tl.constexpr, LOWER: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    acc_y = tl.zeros((BLOCK, BLOCK), dtype=Y_ptr.dtype.element_ty)
+    acc_z = tl.zeros((BLOCK, BLOCK), dtype=Y_ptr.dtype.element_ty)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        t = load_tile(T_ptr, b, rows, ks, C, C, s_b, s_r, s_c)  # shared by both products
+        acc_y = mm(t, load_tile(Y_ptr, b, ks, cols, C, C, s_b, s_r, s_c), acc_y, PRECISION, EMULATE)
+        if not LAST:
+            acc_z = mm(t, load_tile(Z_ptr, b, ks, cols, C, C, s_b, s_r, s_c), acc_z, PRECISION, EMULATE)
+    if LAST:
+        store_packed(out_ptr, b, s_ob, s_op, rows, cols, acc_y * tl.sqrt(tl.load(tr_ptr + b)), C, LOWER)
+    else:
+        store_symmetric_tile(Ynew_ptr, b, rows, cols, acc_y, C, s_b, s_r, s_c, ti != tj)
+        store_symmetric_tile(Znew_ptr, b, rows, cols, acc_z, C, s_b, s_r, s_c, ti != tj)
+
+
+@triton.jit
+def ns_backward_left_kernel(
+    Zp_ptr,  # (B, C, C) float32/float64: Z_{k-1}
+    dZ_ptr,  # (B, C, C): dL/dZ_k; unused when not HAS_DZ
+    Yp_ptr,  # (B, C, C): Y_{k-1}
+    dY_ptr,  # (B, C, C): dL/dY_k
+    U_ptr,  # (B, C, C) written when HAS_DZ: U = Z_{k-1} dZ_k (not symmetric: every tile)
+    V_ptr,  # (B, C, C) written: V = Y_{k-1} dY_k (not symmetric: every tile)
+    C,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    HAS_DZ: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < C) & (cols[None, :] < C)
+    at = b * s_b + rows[:, None] * s_r + cols[None, :] * s_c
+    acc = tl.zeros((BLOCK, BLOCK), dtype=Yp_ptr.dtype.element_ty)
+    acc = tile_product(acc, Yp_ptr, dY_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    tl.store(V_ptr + at, acc, mask=mask)
+    if HAS_DZ:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=Yp_ptr.dtype.element_ty)
+        acc = tile_product(acc, Zp_ptr, dZ_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+        tl.store(U_ptr + at, acc, mask=mask)
+
+
+@triton.jit
+def ns_backward_step_kernel(
+    dY_ptr,  # (B, C, C) float32/float64, symmetric: dL/dY_k
+    dZ_ptr,  # (B, C, C) symmetric: dL/dZ_k; unused when not HAS_DZ (k = K)
+    T_ptr,  # (B, C, C): T_k
+    U_ptr,  # (B, C, C): Z_{k-1} dZ_k; unused when not HAS_DZ
+    V_ptr,  # (B, C, C): Y_{k-1} dY_k
+    Zp_ptr,  # (B, C, C): Z_{k-1}
+    Yp_ptr,  # (B, C, C): Y_{k-1}
+    dYp_ptr,  # (B, C, C) written: dL/dY_{k-1}
+    dZp_ptr,  # (B, C, C) written: dL/dZ_{k-1}
+    C,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    HAS_DZ: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    dtype = dY_ptr.dtype.element_ty
+    sym = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # dY T + T dY
+    sym = tile_product(sym, dY_ptr, T_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    sym = tile_product(sym, T_ptr, dY_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    vy = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # Y dY Y
+    vy = tile_product(vy, V_ptr, Yp_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    dYp = sym - 1.5 * load_tile(dY_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
+    dZp = -0.5 * vy
+    if HAS_DZ:
+        uz = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # Z dZ Z
+        uz = tile_product(uz, U_ptr, Zp_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+        dYp -= 0.5 * uz
+        sym = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # T dZ + dZ T
+        sym = tile_product(sym, T_ptr, dZ_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+        sym = tile_product(sym, dZ_ptr, T_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+        dZp += sym - 1.5 * load_tile(dZ_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
+    store_symmetric_tile(dYp_ptr, b, rows, cols, dYp, C, s_b, s_r, s_c, ti != tj)
+    store_symmetric_tile(dZp_ptr, b, rows, cols, dZp, C, s_b, s_r, s_c, ti != tj)
+
+
+@triton.jit
+def ns_backward_first_step_kernel(
+    dY_ptr,  # (B, C, C) float32/float64, symmetric: dL/dY_1
+    dZ_ptr,  # (B, C, C) symmetric: dL/dZ_1; unused when not HAS_DZ (K = 1)
+    A_ptr,  # (B, C, C): A
+    dA_ptr,  # (B, C, C) written: dL/dA (its Newton-Schulz part)
+    parts_ptr,  # (B, T, C) contiguous, written: parts[b, j, r] = sum over column tile j of (dA * A)[r, :]
+    C, T,
+    s_b, s_r, s_c,  # strides shared by the C x C buffers
+    HAS_DZ: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:
+        return
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    sym = tl.zeros((BLOCK, BLOCK), dtype=dY_ptr.dtype.element_ty)  # dY A + A dY
+    sym = tile_product(sym, dY_ptr, A_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    sym = tile_product(sym, A_ptr, dY_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    dA = 1.5 * load_tile(dY_ptr, b, rows, cols, C, C, s_b, s_r, s_c) - 0.5 * sym
+    if HAS_DZ:
+        dA -= 0.5 * load_tile(dZ_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
+    store_symmetric_tile(dA_ptr, b, rows, cols, dA, C, s_b, s_r, s_c, ti != tj)
+    # Out-of-range entries of both tiles were loaded as 0, so they add nothing here.
+    prod = dA * load_tile(A_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
+    tl.store(parts_ptr + (b * T + tj) * C + rows, tl.sum(prod, 1), mask=rows < C)
+    if ti != tj:
+        tl.store(parts_ptr + (b * T + ti) * C + cols, tl.sum(prod, 0), mask=cols < C)
+
+
+# --- launchers ---------------------------------------------------------------------------------------
+
+
+def _strides(*mats: torch.Tensor) -> tuple[int, int, int]:
+    """The one stride triple of the C x C buffers of a launch (all allocated here, or made contiguous)."""
+    strides = {m.stride() for m in mats}
+    assert len(strides) == 1, f"C x C buffers of one launch must share strides; got {strides}"
+    return mats[0].stride()
+
+
+def _grids(b: int, c: int, cfg: LaunchConfig):
+    t = cfg.tiles(c)
+    return (b, t, t)
+
+
+def _settings(cfg: LaunchConfig) -> dict:
+    return dict(BLOCK=cfg.block, BLOCK_K=cfg.block_k, PRECISION=cfg.precision, EMULATE=cfg.emulate,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _run_steps(iterates, keep, iters, out, tr, lower, pack, cfg) -> None:
+    """Steps k = 2..K on the slots of `iterates` (slot k-2, or alternating slots when not keep).
+
+    pack: the last step writes the packed triangle; otherwise the sweep stops after T_K (what the
+    backward needs).
+    """
+    if iters < 2:
+        return
+    _, _, b, c, _ = iterates.shape
+    grid = _grids(b, c, cfg)
+    s = _strides(*iterates.flatten(0, 1).unbind(0))
+    slot = (lambda k: k - 2) if keep else (lambda k: (k - 2) % 2)
+    for k in range(2, iters + 1):
+        Yp, Zp, T = iterates[slot(k)].unbind(0)
+        ns_t_kernel[grid](Zp, Yp, T, c, *s, **_settings(cfg))
+        last = k == iters
+        if last and not pack:
+            return
+        Yn, Zn = (Yp, Zp) if last else iterates[slot(k + 1)].unbind(0)[:2]
+        ns_step_kernel[grid](
+            T, Yp, Zp, Yn, Zn, out, tr, c, *s, *out.stride(), LAST=last, LOWER=lower, **_settings(cfg)
+        )
+
+
+def newton_schulz_forward(sigma: torch.Tensor, iters: int, lower: bool, keep: bool, cfg: LaunchConfig):
+    """(out (B, C(C+1)/2), A, tr (B,), iterates) from Sigma (B, C, C); iterates is empty unless keep."""
+    b, c, _ = sigma.shape
+    A = torch.empty_like(sigma)
+    tr = sigma.new_empty(b)
+    out = sigma.new_empty(b, c * (c + 1) // 2)
+    slots = iters - 1 if keep else min(iters - 1, 2)
+    iterates = sigma.new_empty(slots, 3, b, c, c)
+    Y1, Z1 = iterates[0].unbind(0)[:2] if iters > 1 else (sigma, sigma)
+    ns_first_step_kernel[_grids(b, c, cfg)](
+        sigma, A, Y1, Z1, out, tr, c, *_strides(sigma, A, Y1, Z1), *out.stride(),
+        NORMALISE=True, LAST=iters == 1, LOWER=lower, **_settings(cfg),
+    )
+    _run_steps(iterates, keep, iters, out, tr, lower, True, cfg)
+    return out, A, tr, iterates if keep else sigma.new_empty(0)
+
+
+def newton_schulz_iterates(A: torch.Tensor, iters: int, cfg: LaunchConfig) -> torch.Tensor:
+    """The kept iterates (K-1, 3, B, C, C) recomputed from A (for a forward that did not keep them)."""
+    b, c, _ = A.shape
+    iterates = A.new_empty(iters - 1, 3, b, c, c)
+    if iters == 1:
+        return iterates
+    Y1, Z1 = iterates[0].unbind(0)[:2]
+    ns_first_step_kernel[_grids(b, c, cfg)](
+        A, A, Y1, Z1, A, A, c, *_strides(A, Y1, Z1), 0, 0,
+        NORMALISE=False, LAST=False, LOWER=True, **_settings(cfg),
+    )
+    # out and tr are only touched by a last step, which pack=False stops before.
+    _run_steps(iterates, True, iters, A.new_empty(0, 0), A, True, False, cfg)
+    return iterates
+
+
+def newton_schulz_backward(dY: torch.Tensor, A: torch.Tensor, iterates: torch.Tensor, iters: int, cfg: LaunchConfig):
+    """(dL/dA (B, C, C), row partial sums of dA * A (B, T*C)) from dL/dY_K and the kept iterates."""
+    b, c, _ = A.shape
+    grid = _grids(b, c, cfg)
+    s = _strides(A, dY)
+    dZ = None
+    for k in range(iters, 1, -1):
+        Yp, Zp, T = iterates[k - 2].unbind(0)
+        has_dz = dZ is not None
+        U = torch.empty_like(A) if has_dz else A
+        V = torch.empty_like(A)
+        ns_backward_left_kernel[grid](Zp, dZ if has_dz else A, Yp, dY, U, V, c, *_strides(A, Yp, Zp, T),
+                                      HAS_DZ=has_dz, **_settings(cfg))
+        dYp, dZp = torch.empty_like(A), torch.empty_like(A)
+        ns_backward_step_kernel[grid](dY, dZ if has_dz else A, T, U, V, Zp, Yp, dYp, dZp, c, *s,
+                                      HAS_DZ=has_dz, **_settings(cfg))
+        dY, dZ = dYp, dZp
+    t = cfg.tiles(c)
+    dA = torch.empty_like(A)
+    parts = A.new_empty(b, t * c)
+    ns_backward_first_step_kernel[grid](dY, dZ if dZ is not None else A, A, dA, parts, c, t, *s,
+                                        HAS_DZ=dZ is not None, **_settings(cfg))
+    return dA, parts
