@@ -13,7 +13,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python requirements-dev.txt setup.py
+$(STAMP): $(VENV)/bin/python requirements-dev.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-build-isolation -e .
 	touch $@
@@ -21,7 +21,7 @@ $(STAMP): $(VENV)/bin/python requirements-dev.txt setup.py
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m benchmarks.pool_demo
+	$(PY) -m train --config train/configs/digits_demo.yaml --output-dir runs/demo --overwrite
 
 test: setup
 	$(PY) -m threeg_kernels

@@ -8,14 +8,133 @@ GPU are present). The compiled extension `threeg_kernels._C` (backend 'ext', csr
 Install for development without build isolation, so the extension compiles against the torch that
 is already installed (an isolated build would download a second torch):
     pip install --no-build-isolation -e .
+
+Switches (environment variables):
+    THREEG_BUILD_EXT=0      build no extension at all (the 'ext' backend is then missing)
+    THREEG_BUILD_CUDA=0|1   force the CUDA kernels off / on (default: on when the toolchain is usable:
+                            torch has CUDA, nvcc of the same major version runs, the CUDA headers are found)
+    CUDA_HOME               the toolkit root (default: the first of $CUDA_PATH, /usr/local/cuda with bin/nvcc)
+    TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
 """
+
+import glob
+import os
+import re
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"threeg-kernels setup: {msg}", file=sys.stderr)
+
+
+def _remove_stale_extension() -> None:
+    """An earlier editable build's _C*.so (perhaps with CUDA, perhaps for another Python) would still load."""
+    for path in glob.glob(os.path.join(HERE, "threeg_kernels", "_C*.so")):
+        os.remove(path)
+
+
+def _flag(name: str):
+    """True / False for an environment switch set to 1 / 0, None when unset."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"{name} must be 0 or 1; got {os.environ[name]!r}")
+
+
+def _cuda_toolchain():
+    """(None, include dirs) when the CUDA part can be built here, else (reason, [])."""
+    import torch
+
+    if not torch.version.cuda:
+        return "this torch has no CUDA (torch.version.cuda is None)", []
+    # The nvcc on PATH may be a wrapper outside the toolkit, from which torch would guess CUDA_HOME wrong.
+    if not os.environ.get("CUDA_HOME"):
+        for root in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+            if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+                os.environ["CUDA_HOME"] = root
+                break
+        else:
+            return "no CUDA toolkit found (set CUDA_HOME to the toolkit root)", []
+    nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{nvcc} does not run ({exc})", []
+    found = re.search(r"release (\d+)\.(\d+)", version)
+    major = torch.version.cuda.split(".")[0]
+    if not found or found.group(1) != major:
+        return f"nvcc {found.group(0) if found else '?'} does not match torch's CUDA {torch.version.cuda}", []
+    # The CUDA library headers (cusparse.h, cublas_v2.h, ...) that ATen's CUDA headers include: in the
+    # toolkit, or in the NVIDIA wheels next to torch (site-packages/nvidia/cu<major>/include).
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs = [d for d in (os.path.join(site, "nvidia", f"cu{major}", "include"),) if os.path.isdir(d)]
+    if not any(os.path.exists(os.path.join(d, "cusparse.h")) for d in include_dirs + [os.path.join(os.environ["CUDA_HOME"], "include")]):
+        return "the CUDA library headers (cusparse.h) were not found", []
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return None, include_dirs
+
 
 def extension_modules():
-    """The compiled extension's modules and build command class; none until csrc/ exists."""
-    return [], {}
+    """The compiled extension's modules and build command class (csrc/: CPU always, CUDA when usable)."""
+    if _flag("THREEG_BUILD_EXT") is False:
+        _remove_stale_extension()
+        _say("THREEG_BUILD_EXT=0: not building threeg_kernels._C (backend 'ext' will be missing)")
+        return [], {}
+
+    force_cuda = _flag("THREEG_BUILD_CUDA")
+    include_dirs = []
+    if force_cuda is False:
+        with_cuda = False
+        _say("THREEG_BUILD_CUDA=0: building the CPU kernels only")
+    else:
+        reason, include_dirs = _cuda_toolchain()
+        if reason is not None and force_cuda:
+            raise SystemExit(f"THREEG_BUILD_CUDA=1 but the CUDA part cannot be built: {reason}")
+        with_cuda = reason is None
+        if reason is not None:
+            _say(f"skipping the CUDA kernels: {reason}")
+
+    # Imported only now: it reads CUDA_HOME at import time.
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/ops.cpp", "csrc/cpu/cov_pool_ext.cpp"]
+    cxx, link = ["-O3", "-g0"], []
+    import torch
+
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is a header template around `#pragma omp parallel`: without -fopenmp it runs on
+        # one thread. The libgomp that torch ships is already loaded, so no second OpenMP runtime comes in.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    if with_cuda:
+        _say(f"building the CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
+             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        ext = CUDAExtension(
+            "threeg_kernels._C",
+            sources + ["csrc/cuda/cov_pool_ext.cu"],
+            include_dirs=include_dirs,
+            define_macros=[("THREEG_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = CppExtension("threeg_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            _remove_stale_extension()
+            super().run()
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -20,20 +20,33 @@ every backend is traced by torch.compile and checked by opcheck in the same way.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping, Union
 
 import torch
+
+IteratesShape = Callable[[int, int, int], tuple[int, ...]]
 
 
 def register_pool_op(
     forward_op,
     backward_op,
-    iterates_shape: Callable[[int, int, int], tuple[int, ...]],
+    iterates_shape: Union[IteratesShape, Mapping[str, IteratesShape]],
 ) -> None:
     """Registers fake kernels for both ops and the autograd formula of the forward op.
 
-    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (save_iterates=True).
+    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (save_iterates=True); a
+    backend whose device kernels keep different state gives one such function per device type
+    (e.g. {"cpu": ..., "cuda": ...}).
     """
+
+    def _iterates_shape(x, iters):
+        b, c, _ = x.shape
+        shape_of = iterates_shape
+        if isinstance(iterates_shape, Mapping):
+            if x.device.type not in iterates_shape:
+                raise NotImplementedError(f"{forward_op} has no kernel for device type {x.device.type!r}")
+            shape_of = iterates_shape[x.device.type]
+        return shape_of(b, c, iters)
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(x, weight, iters, eps, lower, save_iterates):
@@ -41,7 +54,7 @@ def register_pool_op(
         out = x.new_empty(b, c * (c + 1) // 2)
         A = x.new_empty(b, c, c)
         tr = x.new_empty(b)
-        iterates = x.new_empty(iterates_shape(b, c, iters) if save_iterates else (0,))
+        iterates = x.new_empty(_iterates_shape(x, iters) if save_iterates else (0,))
         return out, A, tr, iterates
 
     @torch.library.register_fake(backward_op)

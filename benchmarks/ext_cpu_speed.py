@@ -1,0 +1,174 @@
+"""CPU speed of the 'ext' backend against 'reference' and 'torch': fwd+bwd of cov_pool, one process, interleaved.
+
+Each round times every backend once, in turn, so that the noise of a shared machine falls on all of them;
+the table gives p20/p50/p80 over the rounds and the speed-up of the medians.
+
+With --tricks, a second table measures what each choice of the ext backend's CPU route gives, against the
+alternative it replaced (docs/ext.md), again interleaved:
+  - spectral route vs the iteration: the 'torch' backend is the batched iteration with the symmetric
+    backward; the best a triangle-blocked iteration could do is bounded by the measured time of a
+    triangle-blocked 256^3 product (10 of 16 tiles of 64) against a full one;
+  - fusion: the same spectral math written as batched ATen calls (`spectral_aten` below) against ext;
+  - parallelism over the batch: ext with 1 thread against all threads;
+  - keep vs recompute the eigendecomposition for the backward.
+
+    python -m benchmarks.ext_cpu_speed [--B 32] [--C 256] [--N 196] [--iters 5] [--rounds 7] [--threads 2] [--tricks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import torch
+
+import threeg_kernels
+from benchmarks.timing import percentiles, time_ms
+
+
+def fwd_bwd(backend, x, weight, grad, iters):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend)
+    return torch.autograd.grad(out, (x, weight), grad)
+
+
+def spectral_aten(x, weight, grad, iters, eps=1e-7):
+    """The ext backend's CPU math (csrc/cpu/cov_pool_ext.cpp) as unfused batched ATen calls: (out, dx, dw).
+
+    For measuring what fusing it into per-sample C++ gives; not a backend.
+    """
+    b, c, n = x.shape
+    eye = torch.eye(c, dtype=x.dtype)
+    xc = x * weight[:, None]
+    xc = xc - xc.mean(2, keepdim=True)
+    sigma = torch.baddbmm(eps * eye, xc, xc.mT, alpha=1.0 / n)
+    tr = sigma.diagonal(dim1=1, dim2=2).sum(-1)
+    A = sigma / tr[:, None, None]
+    L, U = torch.linalg.eigh(A)
+    # the scalar recursion on every eigenvalue (y, z) and, on every pair, its divided differences (dy, dz)
+    y, z = L, torch.ones_like(L)
+    dy, dz = torch.ones(b, c, c, dtype=x.dtype), torch.zeros(b, c, c, dtype=x.dtype)
+    for _ in range(iters):
+        t = (3 - z * y) / 2
+        dt = -0.5 * (dz * y[:, None, :] + z[:, :, None] * dy)
+        dy, dz = dy * t[:, None, :] + y[:, :, None] * dt, dt * z[:, None, :] + t[:, :, None] * dz
+        y, z = y * t, t * z
+    tri = torch.tril_indices(c, c)
+    tri = tri[0] * c + tri[1]
+    Y = (U * y[:, None, :]) @ U.mT
+    out = Y.reshape(b, c * c)[:, tri] * tr.sqrt()[:, None]
+    dS = torch.zeros(b, c * c, dtype=x.dtype)
+    dS[:, tri] = grad * (0.5 * tr.sqrt())[:, None]
+    dS = dS.view(b, c, c)
+    M = U.mT @ (dS + dS.mT) @ U * dy
+    coef = (M.diagonal(dim1=1, dim2=2) * L).sum(-1) - 0.5 * (grad * out).sum(-1)
+    P = U @ (M @ (U.mT @ xc))
+    dxw = (P - coef[:, None, None] * xc) * (2.0 / n / tr)[:, None, None]
+    return out, dxw * weight[:, None], (dxw * x).sum(1)
+
+
+def triangle_blocked_bmm(a, b, tile=64):
+    """The lower block triangle of a @ b (symmetric when a, b commute): 10 of 16 tiles for 256 / 64."""
+    c = a.shape[-1]
+    out = torch.empty_like(a)
+    for r0 in range(0, c, tile):
+        r1 = min(c, r0 + tile)
+        torch.bmm(a[:, r0:r1], b[:, :, :r1], out=out[:, r0:r1, :r1])
+    return out
+
+
+def interleaved_ms(fns: dict, rounds: int) -> dict:
+    """{name: [ms per round]} with one warm-up call each, then `rounds` rounds over all fns in turn."""
+    cpu = torch.device("cpu")
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += time_ms(fn, cpu, warmup=0, repeats=1)
+    return samples
+
+
+def table(samples: dict, baselines=("reference", "torch")) -> str:
+    med = {name: percentiles(s)[1] for name, s in samples.items()}
+    head = "| backend | fwd+bwd ms p20 / p50 / p80 | " + " | ".join(f"speed-up vs {b}" for b in baselines if b in med) + " |"
+    lines = [head, "|---" * (2 + sum(b in med for b in baselines)) + "|"]
+    for name, s in samples.items():
+        p20, p50, p80 = percentiles(s)
+        ups = " | ".join(f"{med[b] / p50:.2f}x" for b in baselines if b in med)
+        lines.append(f"| {name} | {p20:.1f} / {p50:.1f} / {p80:.1f} | {ups} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=32)
+    p.add_argument("--C", type=int, default=256)
+    p.add_argument("--N", type=int, default=196)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--tricks", action="store_true", help="also time the alternatives of each trick (docs/ext.md)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.B, args.C, args.N, generator=gen)
+    weight = torch.rand(args.B, args.N, generator=gen)
+    grad = torch.randn(args.B, args.C * (args.C + 1) // 2, generator=gen)
+    backends = [b for b in ("reference", "torch", "ext") if b in threeg_kernels.available_backends("cpu")]
+    fns = {b: (lambda b=b: fwd_bwd(b, x, weight, grad, args.iters)) for b in backends}
+
+    print(
+        f"cov_pool fwd+bwd (with weight), B={args.B} C={args.C} N={args.N} K={args.iters}, float32, CPU "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} interleaved rounds\n"
+    )
+    print(table(interleaved_ms(fns, args.rounds)))
+    if args.tricks:
+        tricks(x, weight, grad, args)
+
+
+def tricks(x, weight, grad, args) -> None:
+    from threeg_kernels.backends import ext_impl
+
+    want = fwd_bwd("ext", x, weight, grad, args.iters)
+    got = spectral_aten(x, weight, grad, args.iters)
+    err = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got[1:], want))
+    print(f"\nspectral_aten (unfused batched ATen) agrees with ext: max rel err of dx, dw {err:.1e}")
+
+    threads = torch.get_num_threads()
+
+    def ext_with(save: bool, nthreads: int):
+        def run():
+            ext_impl.SAVE_ITERATES, old = save, ext_impl.SAVE_ITERATES
+            torch.set_num_threads(nthreads)
+            try:
+                fwd_bwd("ext", x, weight, grad, args.iters)
+            finally:
+                ext_impl.SAVE_ITERATES = old
+                torch.set_num_threads(threads)
+
+        return run
+
+    c = args.C
+    a = torch.randn(args.B, c, c)
+    a = a @ a.mT
+    fns = {
+        "ext (keep eigh, all threads)": ext_with(True, threads),
+        "ext, recompute eigh in backward": ext_with(False, threads),
+        "ext, 1 thread": ext_with(True, 1),
+        "spectral_aten (unfused, batched)": lambda: spectral_aten(x, weight, grad, args.iters),
+        "torch (batched iteration)": lambda: fwd_bwd("torch", x, weight, grad, args.iters),
+        "one full C^3 bmm": lambda: torch.bmm(a, a),
+        "one triangle-blocked C^3 bmm": lambda: triangle_blocked_bmm(a, a),
+    }
+    print(f"\ntricks, {args.rounds} interleaved rounds (ms, p20 / p50 / p80):\n")
+    print(table(interleaved_ms(fns, args.rounds), baselines=("ext (keep eigh, all threads)",)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+// The op schemas of the "ext" backend, declared once; each device file registers its kernels
+// (csrc/cpu/cov_pool_ext.cpp, csrc/cuda/cov_pool_ext.cu). The contract: threeg_kernels/_registration.py.
+//
+// FRAGMENT, not TORCH_LIBRARY: the Python backends define ops in the same `threeg` namespace.
+//
+// This file is also the Python module `threeg_kernels._C`: importing it loads the library (and with it
+// the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(threeg, m) {
+  m.def(
+      "cov_pool_ext_forward(Tensor x, Tensor? weight, int iters, float eps, bool lower, bool save_iterates)"
+      " -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)");
+  m.def(
+      "cov_pool_ext_backward(Tensor grad, Tensor x, Tensor? weight, Tensor out, Tensor A, Tensor tr,"
+      " Tensor iterates, int iters, bool lower) -> (Tensor dx, Tensor dweight)");
+}
+
+namespace {
+
+PyObject* cuda_built(PyObject*, PyObject*) {
+#ifdef THREEG_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cuda_built", cuda_built, METH_NOARGS, "True if the CUDA kernels of the ext backend were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of the 'ext' backend (threeg::cov_pool_ext_*).",
+                      -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,55 @@
+"""The "ext" backend: the compiled extension `threeg_kernels._C` (csrc/), as registered torch ops.
+
+The ops threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward are declared and implemented in
+C++ (csrc/ops.cpp; kernels in csrc/cpu/cov_pool_ext.cpp and csrc/cuda/cov_pool_ext.cu, whose headers
+hold the math). This module registers their fake kernels and autograd formula (the shared contract of
+threeg_kernels/_registration.py) and exposes the backend to the dispatch. docs/ext.md: design, build
+switches and measurements.
+
+Saved state ("iterates", save_iterates=True), per device:
+    CPU  (spectral route): per sample the eigenvectors V = U^T and eigenvalues of A, (B, C (C + 1));
+    CUDA (iteration):      (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, (K - 1, 3, B, C, C) as in the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._registration import register_pool_op
+from . import Loaded
+
+try:
+    from .. import _C
+except ImportError as exc:
+    raise ImportError(
+        f"compiled extension threeg_kernels._C not built: run `pip install --no-build-isolation -e .` ({exc})"
+    ) from exc
+
+ITERATES_SHAPE = {
+    "cpu": lambda b, c, iters: (b, c * (c + 1)),
+    "cuda": lambda b, c, iters: (iters - 1, 3, b, c, c),
+}
+
+register_pool_op(
+    torch.ops.threeg.cov_pool_ext_forward.default, torch.ops.threeg.cov_pool_ext_backward.default, ITERATES_SHAPE
+)
+
+# Keep the eigendecomposition (CPU) / the iterates (CUDA) for the backward: docs/ext.md has the measurement.
+SAVE_ITERATES = True
+
+
+def pool(x, weight, iters, eps, order):
+    return torch.ops.threeg.cov_pool_ext_forward(x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
+
+
+def _unavailable_on(device: torch.device):
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if _C.cuda_built():
+            return None
+        return "threeg_kernels._C was built without its CUDA kernels (see setup.py: THREEG_BUILD_CUDA, nvcc, CUDA_HOME)"
+    return f"no kernels for device type {device.type!r}"
+
+
+LOADED = Loaded(pool=pool, unavailable_on=_unavailable_on)
