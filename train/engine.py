@@ -1,0 +1,276 @@
+"""train_one_epoch / evaluate, their progress line, and the pooling head's share of step time."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from threeg_kernels.models import average_crops
+
+from . import distributed
+from .config import UserError
+from .distributed import DistInfo
+
+try:
+    from tqdm import tqdm
+except ImportError:  # a plain line instead
+    tqdm = None
+
+
+class Progress:
+    """Primary rank only: a tqdm bar on a terminal, else one plain line every `print_freq` steps.
+    Both show the step, ETA, running loss, top-1/top-5, img/s (all ranks) and lr."""
+
+    def __init__(self, total: int, desc: str, print_freq: int, enabled: bool):
+        self.total, self.desc, self.print_freq = total, desc, max(1, print_freq)
+        self.enabled = enabled
+        self.bar = None
+        if enabled and tqdm is not None and sys.stdout.isatty():
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+        self.start = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        """Whether update() at this (1-based) step shows anything; the caller syncs the device only then."""
+        return self.enabled and (self.bar is not None or step % self.print_freq == 0 or step == self.total)
+
+    def update(self, step: int, fields: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in fields.items()), refresh=False)
+            self.bar.refresh()
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total - step)
+        width = len(str(self.total))
+        line = f"{self.desc} [{step:>{width}}/{self.total}] eta {_hms(eta)} " + " ".join(f"{k} {v}" for k, v in fields.items())
+        distributed.log(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def correct_topk(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    maxk = min(max(ks), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits of (B, 3, H, W) images, or crop-averaged logits of (B, ncrops, 3, H, W) crops (TenCrop)."""
+    if images.dim() == 5:
+        return average_crops(model(images.flatten(0, 1)), images.shape[1])
+    return model(images)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def autocast(args, device: torch.device):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16)
+
+
+def _to_device(images, target, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2: the profiler's C++ side prints start/stop lines (and, without a GPU,
+    a device-count error) there; Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class HeadTimer:
+    """The pooling head's share of training step time, measured with torch.profiler.
+
+    Every cov_pool backend runs as two registered ops, threeg::<backend>_forward and
+    threeg::<backend>_backward (the backward op is what autograd calls), so the profiler records each
+    call of the head under one name, with the time from its start to its end (children included).
+    `steps` training steps are profiled after `warmup` unprofiled ones; the step time is the wall time
+    from moving the batch to the device to the end of optimizer.step() (data loading excluded), and
+    the head time is the sum of those ops' durations in the same steps. On CUDA the device is
+    synchronised at step ends and the head's time is its kernels' device time.
+    """
+
+    OP = re.compile(r"^threeg::(\w+)_(forward|backward)$")
+
+    def __init__(self, steps: int, device: torch.device, warmup: int = 1):
+        self.steps, self.device, self.warmup = steps, device, warmup
+        self.prof = None
+        self.step_times: list[float] = []
+        self.result: Optional[dict] = None
+
+    def active(self, step: int) -> bool:
+        return self.result is None and self.warmup <= step < self.warmup + self.steps
+
+    def before_step(self, step: int) -> None:
+        if step == self.warmup and self.result is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            with _quiet_stderr():
+                self.prof.__enter__()
+
+    def after_step(self, step: int, seconds: float, batch: int) -> None:
+        self.step_times.append(seconds)
+        if step == self.warmup + self.steps - 1:
+            self.finish(batch)
+
+    def finish(self, batch: int) -> None:
+        if self.prof is None or self.result is not None:
+            return
+        with _quiet_stderr():
+            self.prof.__exit__(None, None, None)
+        head_us, ops = 0.0, set()
+        for ev in self.prof.events():
+            match = self.OP.match(ev.name)
+            if not match or self._inside_head(ev):
+                continue
+            ops.add(ev.name)
+            head_us += ev.device_time_total if self.device.type == "cuda" else ev.cpu_time_total
+        n = len(self.step_times)
+        step_ms = 1e3 * sum(self.step_times) / max(n, 1)
+        head_ms = head_us / 1e3 / max(n, 1)
+        self.result = {"steps": n, "batch_per_rank": batch, "step_ms": step_ms, "head_ms": head_ms,
+                       "head_share": head_ms / step_ms if step_ms > 0 else float("nan"), "ops": sorted(ops)}
+        self.prof = None
+
+    def _inside_head(self, ev) -> bool:
+        parent = ev.cpu_parent
+        while parent is not None:
+            if self.OP.match(parent.name):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def summary(self) -> str:
+        r = self.result
+        if r is None:
+            return "head timing: not measured (fewer training steps than --time-head-steps + 1)"
+        if not r["ops"]:
+            return ("head timing: no threeg::*_forward/_backward op ran (the 'reference' backend, e.g. "
+                    "--no-fused-head with --pool-backend auto, is plain ATen ops and is not attributed)")
+        return (f"head (cov_pool forward + backward, {', '.join(r['ops'])}): {r['head_ms']:.1f} ms of "
+                f"{r['step_ms']:.1f} ms per training step = {100 * r['head_share']:.1f}% "
+                f"(torch.profiler over {r['steps']} steps of {r['batch_per_rank']} images)")
+
+
+def train_one_epoch(model, criterion, optimizer, loader, epoch: int, args, info: DistInfo, scaler,
+                    head_timer: Optional[HeadTimer] = None) -> dict:
+    set_train_mode(model, args.freeze_bn)
+    device = info.device
+    lr = optimizer.param_groups[0]["lr"]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits, n
+    progress = Progress(len(loader), f"Epoch {epoch}/{args.epochs - 1}", args.print_freq, info.primary)
+    epoch_start = time.perf_counter()
+    last_time, last_count = epoch_start, 0
+    for step, (images, target) in enumerate(loader):
+        profiling = head_timer is not None and head_timer.active(step)
+        if profiling:
+            head_timer.before_step(step)
+        t0 = time.perf_counter()
+        images, target = _to_device(images, target, device, args.channels_last)
+        with autocast(args, device):
+            output = model(images)
+            loss = criterion(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if profiling:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            head_timer.after_step(step, time.perf_counter() - t0, images.shape[0])
+
+        n = images.shape[0]
+        with torch.no_grad():
+            sums += torch.cat([(loss.detach().double() * n).view(1), correct_topk(output.detach(), target).double(),
+                               sums.new_tensor([n])])
+        if progress.due(step + 1):
+            local = sums.tolist()
+            if not math.isfinite(local[0]):
+                raise UserError(f"the training loss became {local[0]} in epoch {epoch}, step {step}; "
+                                "lower --lr, or use --amp none / bf16 instead of fp16")
+            now = time.perf_counter()
+            img_s = (local[3] - last_count) * info.world_size / max(now - last_time, 1e-9)
+            last_time, last_count = now, local[3]
+            progress.update(step + 1, {
+                "loss": f"{loss.item():.4f} ({local[0] / local[3]:.4f})",
+                "top1": f"{100 * local[1] / local[3]:.2f}", "top5": f"{100 * local[2] / local[3]:.2f}",
+                "img/s": f"{img_s:.1f}", "lr": f"{lr:.4g}",
+            })
+    progress.close()
+    if head_timer is not None:
+        head_timer.finish(loader.batch_size)
+    seconds = time.perf_counter() - epoch_start
+    loss_sum, top1, top5, count = distributed.all_reduce_sum(sums, info).tolist()
+    if count == 0:
+        raise UserError(f"no training step ran: {len(loader.dataset)} images and a batch of "
+                        f"{loader.batch_size} a rank (drop_last); lower --batch-size")
+    if not math.isfinite(loss_sum):
+        raise UserError(f"the training loss became {loss_sum} in epoch {epoch}; lower --lr, or use --amp none / bf16")
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
+            "images": int(count), "seconds": seconds, "img_s": count / seconds, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, args, info: DistInfo, desc: str = "Val") -> dict:
+    model.eval()
+    device = info.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    progress = Progress(len(loader), desc, args.print_freq, info.primary)
+    start = time.perf_counter()
+    for step, (images, target) in enumerate(loader):
+        images, target = _to_device(images, target, device, args.channels_last)
+        with autocast(args, device):
+            output = predict(model, images)
+        loss = criterion(output.float(), target)
+        n = images.shape[0]
+        sums += torch.cat([(loss.double() * n).view(1), correct_topk(output, target).double(), sums.new_tensor([n])])
+        if progress.due(step + 1):
+            local = sums.tolist()
+            progress.update(step + 1, {
+                "loss": f"{local[0] / local[3]:.4f}", "top1": f"{100 * local[1] / local[3]:.2f}",
+                "top5": f"{100 * local[2] / local[3]:.2f}",
+                "img/s": f"{local[3] * info.world_size / (time.perf_counter() - start):.1f}",
+            })
+    progress.close()
+    loss_sum, top1, top5, count = distributed.all_reduce_sum(sums, info).tolist()
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
+            "images": int(count), "seconds": time.perf_counter() - start}
