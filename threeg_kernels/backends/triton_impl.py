@@ -100,6 +100,9 @@ def pool(x, weight, iters, eps, order, precision="ieee"):
 _NOT_ON_CPU = "Triton kernels run on CUDA devices; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
 
 
+# Under torch.compile, dynamo calls this eagerly and bakes the result in as a constant instead of
+# tracing into Triton's runtime (which would break a fullgraph trace on CUDA).
+@torch.compiler.assume_constant_result
 def _cuda_driver_problem() -> Optional[str]:
     try:
         triton.runtime.driver.active.get_current_target()
