@@ -14,7 +14,14 @@ import torch
 import threeg_kernels
 from threeg_kernels import dispatch
 
-from .helpers import RTOL, assert_close_to_reference, make_case, rel_err, run_pool
+from .helpers import (
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    make_case,
+    opcheck_pool_ops,
+    rel_err,
+    run_pool,
+)
 
 _MISSING = dispatch.unavailable_reason("ext", "cpu")
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"extension threeg_kernels._C not built: {_MISSING}")
@@ -42,28 +49,12 @@ def test_cuda_kernels_compiled_where_the_toolchain_is():
 @pytest.mark.parametrize("save_iterates", [False, True])
 @pytest.mark.parametrize("iters", [1, 3])
 def test_opcheck(device, weighted, save_iterates, iters):
-    fwd, bwd = _ops()
-    x, w, g = make_case(2, 6, 7, weighted=weighted, dtype=torch.float64, device=device)
-    args = (x.requires_grad_(), None if w is None else w.requires_grad_(), iters, 1e-7, True, save_iterates)
-    torch.library.opcheck(fwd.default, args)
-    out, A, tr, iterates = fwd(*args)
-    bwd_args = (g, x.detach(), None if w is None else w.detach(), out.detach(), A, tr, iterates, iters, False)
-    torch.library.opcheck(bwd.default, bwd_args)
+    opcheck_pool_ops("cov_pool_ext", weighted=weighted, save_iterates=save_iterates, iters=iters, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_matches_eager(device):
-    x, w, _ = make_case(2, 8, 10, weighted=True, dtype=torch.float32, device=device)
-    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend="ext").sum(-1) * 2  # noqa: E731
-    compiled = torch.compile(fn, fullgraph=True)
-    outs = []
-    for f in (fn, compiled):
-        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = f(xl, wl)
-        y.backward(torch.ones_like(y))
-        outs.append((y, xl.grad, wl.grad))
-    for a, b in zip(*outs):
-        assert rel_err(a, b) <= RTOL[torch.float32]
+    assert_compiled_matches_eager("ext", device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

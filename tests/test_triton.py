@@ -23,7 +23,14 @@ import torch
 import threeg_kernels
 from threeg_kernels import dispatch, reference
 
-from .helpers import RTOL, assert_close_to_reference, make_case, rel_err, run_pool
+from .helpers import (
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    make_case,
+    opcheck_pool_ops,
+    rel_err,
+    run_pool,
+)
 
 triton_impl = pytest.importorskip("threeg_kernels.backends.triton_impl")
 from threeg_kernels.ops import _tiles  # noqa: E402 - needs Triton, which the line above checks
@@ -127,26 +134,11 @@ def test_gradcheck(device, iters, weighted):
 
 @pytest.mark.parametrize("weighted, save_iterates, iters", [(False, False, 1), (True, True, 3), (True, False, 2)])
 def test_opcheck(device, weighted, save_iterates, iters):
-    x, w, g = make_case(2, 6, 7, weighted=weighted, dtype=torch.float64, device=device)
-    args = (x.requires_grad_(), None if w is None else w.requires_grad_(), iters, 1e-7, True, save_iterates)
-    torch.library.opcheck(torch.ops.threeg.cov_pool_triton_forward.default, args)
-    out, A, tr, iterates = torch.ops.threeg.cov_pool_triton_forward(*args)
-    bwd_args = (g, x.detach(), None if w is None else w.detach(), out.detach(), A, tr, iterates, iters, True)
-    torch.library.opcheck(torch.ops.threeg.cov_pool_triton_backward.default, bwd_args)
+    opcheck_pool_ops("cov_pool_triton", weighted=weighted, save_iterates=save_iterates, iters=iters, device=device)
 
 
 def test_compile_fullgraph_matches_eager(device):
-    x, w, _ = make_case(2, 8, 10, weighted=True, dtype=torch.float32, device=device)
-    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend="triton").sum(-1) * 2  # noqa: E731
-    compiled = torch.compile(fn, fullgraph=True)
-    outs = []
-    for f in (fn, compiled):
-        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = f(xl, wl)
-        y.backward(torch.ones_like(y))
-        outs.append((y, xl.grad, wl.grad))
-    for a, b in zip(*outs):
-        assert rel_err(a, b) <= RTOL[torch.float32]  # measured 5.6e-8 (out), 0 (grads)
+    assert_compiled_matches_eager("triton", device)
 
 
 # --- precision modes ---------------------------------------------------------------------------------
