@@ -24,14 +24,7 @@ import platform
 import torch
 
 import threeg_kernels
-from benchmarks.timing import percentiles, time_ms
-
-
-def fwd_bwd(backend, x, weight, grad, iters):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend)
-    return torch.autograd.grad(out, (x, weight), grad)
+from benchmarks.timing import add_shape_args, fwd_bwd, make_inputs, percentiles, time_ms
 
 
 def spectral_aten(x, weight, grad, iters, eps=1e-7):
@@ -104,10 +97,7 @@ def table(samples: dict, baselines=("reference", "torch")) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=32)
-    p.add_argument("--C", type=int, default=256)
-    p.add_argument("--N", type=int, default=196)
-    p.add_argument("--iters", type=int, default=5)
+    add_shape_args(p)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tricks", action="store_true", help="also time the alternatives of each trick (docs/ext.md)")
@@ -115,10 +105,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.B, args.C, args.N, generator=gen)
-    weight = torch.rand(args.B, args.N, generator=gen)
-    grad = torch.randn(args.B, args.C * (args.C + 1) // 2, generator=gen)
+    x, weight, grad = make_inputs(args.B, args.C, args.N, torch.float32, "cpu")
     backends = [b for b in ("reference", "torch", "ext") if b in threeg_kernels.available_backends("cpu")]
     fns = {b: (lambda b=b: fwd_bwd(b, x, weight, grad, args.iters)) for b in backends}
 

@@ -15,24 +15,19 @@ import importlib
 import torch
 
 import threeg_kernels
-from benchmarks.timing import percentiles, saved_tensor_bytes, time_ms
+from benchmarks.timing import add_shape_args, make_inputs, percentiles, saved_tensor_bytes, time_ms
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=32)
-    p.add_argument("--C", type=int, default=256)
-    p.add_argument("--N", type=int, default=196)
-    p.add_argument("--iters", type=int, default=5)
+    add_shape_args(p)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.B, args.C, args.N, generator=gen).to(device).requires_grad_()
-    w = torch.rand(args.B, args.N, generator=gen).to(device).requires_grad_()
-    g = torch.randn(args.B, args.C * (args.C + 1) // 2, generator=gen).to(device)
+    x, w, g = make_inputs(args.B, args.C, args.N, torch.float32, device)
+    x, w = x.requires_grad_(), w.requires_grad_()
 
     backends = [b for b in threeg_kernels.available_backends(device) if b != "reference"]
     backends = [b for b in backends if not (b == "triton" and device.type == "cpu")]

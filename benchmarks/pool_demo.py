@@ -14,32 +14,18 @@ import platform
 import torch
 
 import threeg_kernels
-from benchmarks.timing import percentiles, time_ms
-
-
-def fwd_bwd(backend, x, weight, grad, iters):
-    x = x.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend)
-    dx, dw = torch.autograd.grad(out, (x, weight), grad)
-    return out, dx, dw
+from benchmarks.timing import add_shape_args, fwd_bwd, make_inputs, percentiles, time_ms
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=32)
-    p.add_argument("--C", type=int, default=256)
-    p.add_argument("--N", type=int, default=196)
-    p.add_argument("--iters", type=int, default=5)
+    add_shape_args(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.B, args.C, args.N, generator=gen).to(device)
-    weight = torch.rand(args.B, args.N, generator=gen).to(device)
-    grad = torch.randn(args.B, args.C * (args.C + 1) // 2, generator=gen).to(device)
+    x, weight, grad = make_inputs(args.B, args.C, args.N, torch.float32, device)
     backends = [b for b in threeg_kernels.available_backends(device) if not (b == "triton" and device.type == "cpu")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"cov_pool fwd+bwd, B={args.B} C={args.C} N={args.N} K={args.iters}, float32, on {device} ({name})")

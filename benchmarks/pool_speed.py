@@ -28,7 +28,7 @@ import threeg_kernels
 from benchmarks import baselines
 from benchmarks.baselines import BASELINES, Method, UpstreamImportError
 from benchmarks.flops import MODES, cov_pool_flops
-from benchmarks.timing import peak_mb, percentiles, saved_tensor_bytes, time_ms
+from benchmarks.timing import make_inputs, peak_mb, percentiles, saved_tensor_bytes, time_ms
 from threeg_kernels import reference
 
 OP = "cov_pool"
@@ -179,15 +179,6 @@ def run_metadata(device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-
-
-def make_inputs(b, c, n, dtype, device, seed=0):
-    """x (B, C, N), weight (B, N) in (0.1, 1.1), and one upstream gradient, drawn in float64 then cast."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, n, generator=gen, dtype=torch.float64)
-    weight = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1
-    grad = torch.randn(b, c * (c + 1) // 2, generator=gen, dtype=torch.float64)
-    return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, grad))
 
 
 def _autocast(device: torch.device, dtype_name: str):

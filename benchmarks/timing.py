@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+import threeg_kernels
+
 
 def percentiles(samples: list[float], qs=(20, 50, 80)) -> list[float]:
     """Nearest-rank percentiles of the samples: the ceil(q/100 * n)-th smallest (ceil, not round:
@@ -78,8 +80,7 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    del result, keep
+        fn()
     return sum(storages.values())
 
 
@@ -104,3 +105,32 @@ def peak_mb(
     if setup is not None:
         return saved_tensor_bytes(lambda: fn(setup())) / 2**20
     return saved_tensor_bytes(fn) / 2**20
+
+
+# ---------------------------------------------------------------- inputs shared by the benchmark scripts
+
+
+def add_shape_args(parser) -> None:
+    """--B --C --N --iters with the real head's defaults (B=32, C=256, N=14*14, K=5)."""
+    parser.add_argument("--B", type=int, default=32)
+    parser.add_argument("--C", type=int, default=256)
+    parser.add_argument("--N", type=int, default=196)
+    parser.add_argument("--iters", type=int, default=5)
+
+
+def make_inputs(b, c, n, dtype, device, seed=0):
+    """x (B, C, N), weight (B, N) in (0.1, 1.1), and one upstream gradient, drawn in float64 then cast."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, n, generator=gen, dtype=torch.float64)
+    weight = torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1
+    grad = torch.randn(b, c * (c + 1) // 2, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, grad))
+
+
+def fwd_bwd(backend, x, weight, grad, iters):
+    """(out, dL/dx, dL/dweight) of cov_pool on fresh leaves: one training step of the head."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend)
+    dx, dw = torch.autograd.grad(out, (x, weight), grad)
+    return out, dx, dw
