@@ -202,3 +202,19 @@ def test_reference_newton_schulz_unrolled_by_hand():
 def test_reference_keeps_dtype(dtype):
     x = torch.randn(2, 4, 5, dtype=dtype)
     assert reference.cov_pool(x, torch.rand(2, 5, dtype=dtype)).dtype == dtype
+
+
+# --- CUDA: every backend present there, natively (skipped without a GPU) -------------------------
+
+_CUDA_BACKENDS = threeg_kernels.available_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in _CUDA_BACKENDS if b != "reference"] or ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, iters", [((3, 7, 5), 1), ((2, 100, 49), 3), ((2, 256, 196), 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_matches_reference(backend, dtype, shape, iters, weighted):
+    x, w, g = make_case(*shape, weighted=weighted, dtype=dtype, seed=iters, device="cuda")
+    assert_close_to_reference(backend, x, w, g, iters=iters)
