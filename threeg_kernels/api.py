@@ -65,10 +65,9 @@ def cov_pool(
             f"precision={precision!r} needs a backend that supports it (the 'triton' backend); "
             f"backend={backend!r} on {x3.device} runs one that supports only {chosen.precisions}"
         )
-    extra = {} if precision == "ieee" else {"precision": precision}
     dtype = compute_dtype(x3.dtype)
     with torch.autocast(device_type=x3.device.type, enabled=False):
-        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order, **extra)
+        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order, precision)
     return out.to(x.dtype)
 
 
@@ -81,8 +80,7 @@ class CovPool(nn.Module):
         super().__init__()
         check_options(iters, eps, order)
         check_precision(precision)
-        if backend != "auto" and backend not in dispatch.BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {dispatch.BACKENDS}; got {backend!r}")
+        dispatch.check_backend(backend)
         self.iters, self.eps, self.order, self.backend = iters, eps, order, backend
         self.precision = precision
 

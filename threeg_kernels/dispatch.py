@@ -44,6 +44,14 @@ def _load(name: str) -> tuple[Optional[Loaded], Optional[str]]:
 _LOADED = {name: _load(name) for name in BACKENDS}
 
 
+def check_backend(backend, arg: str = "backend") -> None:
+    """TypeError / ValueError naming `arg` unless `backend` is 'auto' or one of BACKENDS."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{arg} must be a str ('auto' or one of {BACKENDS}); got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{arg} must be 'auto' or one of {BACKENDS}; got {backend!r}")
+
+
 def unavailable_reason(name: str, device) -> Optional[str]:
     """None if backend `name` can run on `device`, else a sentence saying why not."""
     if name not in BACKENDS:
@@ -64,8 +72,7 @@ def available_backends(device=None) -> list[str]:
 
 def resolve(backend: str, device: torch.device) -> Loaded:
     """Returns the backend to run for `backend` ('auto' or a name) on `device`, or raises why not."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ('auto' or one of {BACKENDS}); got {type(backend).__name__}")
+    check_backend(backend)
     if backend == "auto":
         forced = os.environ.get("THREEG_BACKEND")
         if forced:

@@ -17,8 +17,7 @@ import torch
 class Loaded:
     """What a backend module exposes: its pool function and a per-device status."""
 
-    pool: Callable  # (x (B,C,N), weight (B,N)|None, iters, eps, order) -> (B, C(C+1)/2), compute dtype
+    pool: Callable  # (x (B,C,N), weight (B,N)|None, iters, eps, order, precision) -> (B, C(C+1)/2), compute dtype
     unavailable_on: Callable[[torch.device], Optional[str]]  # why it cannot run there, or None
-    # The matmul precisions `pool` accepts as its `precision=` keyword; "ieee" (fp32-accurate) alone
-    # means pool takes no such keyword.
+    # The matmul precisions `pool` supports; cov_pool checks the request against it before calling.
     precisions: tuple[str, ...] = ("ieee",)

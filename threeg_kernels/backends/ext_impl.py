@@ -38,7 +38,7 @@ register_pool_op(
 SAVE_ITERATES = True
 
 
-def pool(x, weight, iters, eps, order):
+def pool(x, weight, iters, eps, order, precision="ieee"):
     return torch.ops.threeg.cov_pool_ext_forward(x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
 
 

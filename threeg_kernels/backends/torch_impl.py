@@ -149,7 +149,7 @@ register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, _iterates_shap
 SAVE_ITERATES = True
 
 
-def pool(x, weight, iters, eps, order):
+def pool(x, weight, iters, eps, order, precision="ieee"):
     return cov_pool_torch_forward(x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
 
 

@@ -129,8 +129,7 @@ def _check_options(num_classes, fused_head, pool_backend, iters) -> None:
         raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")
     if not isinstance(fused_head, bool):
         raise TypeError(f"fused_head must be a bool; got {fused_head!r} ({type(fused_head).__name__})")
-    if pool_backend != "auto" and pool_backend not in dispatch.BACKENDS:
-        raise ValueError(f"pool_backend must be 'auto' or one of {dispatch.BACKENDS}; got {pool_backend!r}")
+    dispatch.check_backend(pool_backend, "pool_backend")
     check_options(iters, 1e-7, "3g")
 
 
