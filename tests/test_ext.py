@@ -17,6 +17,7 @@ from threeg_kernels import dispatch
 from .helpers import (
     assert_close_to_reference,
     assert_compiled_matches_eager,
+    assert_keep_equals_recompute,
     make_case,
     opcheck_pool_ops,
     rel_err,
@@ -92,13 +93,7 @@ def test_repeated_eigenvalues_match_reference(device, dtype):
 def test_keep_and_recompute_give_the_same_gradients(device, iters, monkeypatch):
     from threeg_kernels.backends import ext_impl
 
-    x, w, g = make_case(2, 9, 11, weighted=True, dtype=torch.float64, seed=iters, device=device)
-    monkeypatch.setattr(ext_impl, "SAVE_ITERATES", True)
-    kept = run_pool("ext", x, w, g, iters=iters)
-    monkeypatch.setattr(ext_impl, "SAVE_ITERATES", False)
-    recomputed = run_pool("ext", x, w, g, iters=iters)
-    for a, b in zip(kept, recomputed):
-        assert rel_err(a, b) <= 1e-13
+    assert_keep_equals_recompute("ext", ext_impl, monkeypatch, iters=iters, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

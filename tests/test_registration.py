@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from threeg_kernels.backends import torch_impl
 
-from .helpers import assert_compiled_matches_eager, make_case, opcheck_pool_ops, rel_err, run_pool
+from .helpers import assert_compiled_matches_eager, assert_keep_equals_recompute, opcheck_pool_ops
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -19,13 +18,7 @@ def test_opcheck_torch_ops(weighted, save_iterates, iters):
 
 @pytest.mark.parametrize("iters", [1, 2, 5])
 def test_keep_and_recompute_give_the_same_gradients(iters, monkeypatch):
-    x, w, g = make_case(2, 9, 11, weighted=True, dtype=torch.float64, seed=iters)
-    monkeypatch.setattr(torch_impl, "SAVE_ITERATES", True)
-    kept = run_pool("torch", x, w, g, iters=iters)
-    monkeypatch.setattr(torch_impl, "SAVE_ITERATES", False)
-    recomputed = run_pool("torch", x, w, g, iters=iters)
-    for a, b in zip(kept, recomputed):
-        assert rel_err(a, b) <= 1e-13
+    assert_keep_equals_recompute("torch", torch_impl, monkeypatch, iters=iters)
 
 
 def test_compile_fullgraph_matches_eager():
