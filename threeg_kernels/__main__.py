@@ -21,6 +21,12 @@ def _triton_version() -> str:
 def main() -> None:
     print(f"threeg_kernels {threeg_kernels.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
+    try:
+        from threeg_kernels import _C
+
+        print(f"compiled extension threeg_kernels._C: CUDA kernels {'built' if _C.cuda_built() else 'not built'}")
+    except ImportError as exc:
+        print(f"compiled extension threeg_kernels._C: not built ({exc})")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
