@@ -17,7 +17,6 @@ It holds only tensors and plain Python values, so torch.load(..., weights_only=T
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -26,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from threeg_kernels.models import read_checkpoint_file
 
 FORMAT = 1
 
@@ -87,10 +88,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def load(path: str) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only (argparse.Namespace allowed, as
-    some training scripts store their args that way); a file needing more is refused, not unpickled."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at path, read as load_checkpoint reads files (weights_only: a file needing more
+    than tensors and plain data is refused, not unpickled)."""
+    return read_checkpoint_file(path, weights_only=True)
 
 
 def fc_classes(state: dict) -> int | None:

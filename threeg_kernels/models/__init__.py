@@ -8,7 +8,7 @@
 docs/models.md describes the architecture, the fused head and the checkpoint formats.
 """
 
-from .checkpoint import CheckpointFormatError, CheckpointMismatchError, LoadReport, load_checkpoint
+from .checkpoint import CheckpointFormatError, CheckpointMismatchError, LoadReport, load_checkpoint, read_checkpoint_file
 from .resnet_3g import (
     POOLED_FEATURES,
     AtMp,
@@ -35,7 +35,7 @@ from .resnet_3g import (
 __all__ = [
     "ResNet3G", "AtMp", "BasicBlock", "Bottleneck", "POOLED_FEATURES",
     "create_model", "list_models", "average_crops",
-    "load_checkpoint", "LoadReport", "CheckpointMismatchError", "CheckpointFormatError",
+    "load_checkpoint", "read_checkpoint_file", "LoadReport", "CheckpointMismatchError", "CheckpointFormatError",
     "resnet18_3g", "resnet34_3g", "resnet23_3g", "resnet50_3g", "resnet101_3g", "resnet152_3g",
     "resnet18_3g_365", "resnet34_3g_365", "resnet23_3g_365", "resnet50_3g_365", "resnet101_3g_365",
     "resnet152_3g_365",

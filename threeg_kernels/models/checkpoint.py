@@ -109,7 +109,9 @@ def _short_list(items: list) -> str:
     return shown + (f", ... ({len(items) - _LIST_AT_MOST} more)" if len(items) > _LIST_AT_MOST else "")
 
 
-def _read(path, weights_only: bool):
+def read_checkpoint_file(path, weights_only: bool = True):
+    """torch.load on the CPU; with weights_only, tensors and plain data only (argparse.Namespace allowed),
+    and a file needing more raises CheckpointFormatError saying how to load a trusted one."""
     try:
         # Training checkpoints may hold argparse args; a Namespace is plain data, safe to rebuild.
         # (torch.serialization.safe_globals is torch >= 2.5; setup.py allows 2.4.)
@@ -200,7 +202,7 @@ def load_checkpoint(
         wrong-shaped keys with hints (e.g. num_classes for a fc of another size).
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
-        path_or_dict = _read(path_or_dict, weights_only)
+        path_or_dict = read_checkpoint_file(path_or_dict, weights_only)
     state_dict, source = _state_dict_of(path_or_dict)
     state_dict, stripped = _strip_prefixes(state_dict)
 
