@@ -4,10 +4,13 @@
 # Sets up a venv (or reuses $VENV), installs the pinned stack and this package, then writes into OUTDIR:
 #   env.txt               date, git sha, nvidia-smi, python/torch/triton versions
 #   backends.txt          python -m threeg_kernels
-#   tests_cuda.txt        pytest -m cuda (the CUDA tests of every test file, tests/test_triton.py included)
+#   tests_cuda.txt        pytest -m cuda (the CUDA tests of every test file, tests/test_triton.py included;
+#                         launch-config tuning off except in tests/test_tuning.py, to spare compile time)
 #   pool_speed.json/.txt  python -m benchmarks.pool_speed at B in {64, 256}, C=256, N=196, K=5 (when present)
 #   triton_modes.json     built-in timing: every backend, and triton in each precision mode, fwd+bwd,
-#                         torch.cuda.Event p20/p50/p80 ms and max_memory_allocated
+#                         torch.cuda.Event p20/p50/p80 ms and max_memory_allocated, and the launch config
+#                         the tuner (threeg_kernels/ops/tuning.py) chose per shape with each candidate's time
+#   keep_vs_recompute.txt python -m benchmarks.keep_vs_recompute at B=256 (keep the iterates or recompute them)
 # A failing stage is recorded (status.txt) and the next one still runs. Budget: well under 10 minutes
 # (install ~3 min, tests ~2-3 min, timings ~2 min); every stage has its own timeout.
 set -uo pipefail
@@ -57,7 +60,7 @@ stage install 420 "$OUT/install.txt" bash -c "
 stage backends 120 "$OUT/backends.txt" "$PY" -m threeg_kernels
 
 # --- 2. CUDA tests ----------------------------------------------------------------------------------
-stage tests_cuda 300 "$OUT/tests_cuda.txt" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=10
+stage tests_cuda 300 "$OUT/tests_cuda.txt" env THREEG_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=10
 
 # --- 3. timings -------------------------------------------------------------------------------------
 if [[ -f benchmarks/pool_speed.py ]]; then
@@ -111,7 +114,7 @@ def measure(backend, precision, b, c=256, n=196, iters=5, repeats=20):
 
 runs = [(name, "ieee") for name in threeg_kernels.available_backends(device)]
 if "triton" in threeg_kernels.available_backends(device):
-    runs += [("triton", "tf32"), ("triton", "bf16")]
+    runs += [("triton", "tf32x3"), ("triton", "tf32"), ("triton", "bf16")]
 for b in (64, 256):
     for backend, precision in runs:
         try:
@@ -120,9 +123,17 @@ for b in (64, 256):
             rec = dict(backend=backend, precision=precision, B=b, error=f"{type(exc).__name__}: {exc}")
         records.append(rec)
         print(json.dumps(rec), flush=True)
+try:
+    from threeg_kernels.ops import tuning
+    tuned = tuning.tuned()
+except ImportError as exc:
+    tuned = f"ImportError: {exc}"
 with open(sys.argv[1], "w") as f:
-    json.dump(records, f, indent=1)
+    json.dump(dict(records=records, tuned=tuned), f, indent=1)
 EOF
+
+stage keep_vs_recompute 150 "$OUT/keep_vs_recompute.txt" "$PY" -m benchmarks.keep_vs_recompute --device cuda \
+    --B 256 --C 256 --N 196 --iters 5 --rounds 5
 
 echo "done: results in $OUT" >&2
 cat "$STATUS" >&2

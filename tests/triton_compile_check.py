@@ -20,14 +20,14 @@ import time
 import torch
 
 
-def _capture_launches(scenarios):
-    """[(kernel, args, kwargs)] of every launch the launchers make for the scenarios (nothing runs)."""
+def _capture_launches(scenarios, all_candidates=False):
+    """[(kernel, args, kwargs)] of every launch the launchers make for the scenarios (nothing runs).
+
+    Each scenario runs with the default launch config, or with every tuning candidate (ops/tuning.py)."""
     from triton.runtime.jit import JITFunction
 
-    from threeg_kernels.ops import _tiles
-    from threeg_kernels.ops.covariance import covariance_backward, covariance_forward
-    from threeg_kernels.ops.newton_schulz import newton_schulz_backward, newton_schulz_forward, newton_schulz_iterates
-    from threeg_kernels.ops.triangle import triangle_backward
+    from threeg_kernels.ops import _tiles, tuning
+    from threeg_kernels.ops.head import head_backward, head_forward
 
     launches = []
 
@@ -39,16 +39,14 @@ def _capture_launches(scenarios):
     try:
         for dtype, precision, weighted, iters, keep, lower in scenarios:
             b, c, n = 2, 256, 196
-            cfg = _tiles.launch_config(c, n, dtype, precision)
-            x = torch.zeros(b, c, n, dtype=dtype)
-            w = torch.zeros(b, n, dtype=dtype) if weighted else None
-            sigma = covariance_forward(x, w, 1e-7, cfg)
-            out, A, tr, iterates = newton_schulz_forward(sigma, iters, lower, keep, cfg)
-            if not keep:
-                iterates = newton_schulz_iterates(A, iters, cfg)
-            dY, g_parts = triangle_backward(torch.zeros_like(out), out, tr, c, lower, cfg)
-            dA, a_parts = newton_schulz_backward(dY, A, iterates, iters, cfg)
-            covariance_backward(dA, tr, a_parts, g_parts, x, w, cfg)
+            configs = tuning.candidates(c, n, dtype, precision) if all_candidates else [
+                _tiles.launch_config(c, n, dtype, precision)]
+            for cfg in configs:
+                x = torch.zeros(b, c, n, dtype=dtype)
+                w = torch.zeros(b, n, dtype=dtype) if weighted else None
+                out, A, tr, iterates = head_forward(x, w, iters, 1e-7, lower, keep, cfg)
+                # without keep, iterates is empty and head_backward records the launches recomputing them
+                head_backward(torch.zeros_like(out), x, w, out, A, tr, iterates, iters, lower, cfg)
     finally:
         JITFunction.run = original
     return launches
@@ -82,10 +80,37 @@ def _signature(fn, args, kwargs):
     return sig, constexprs, options
 
 
+# Most dynamic shared memory one block may use, per compute capability (CUDA programming guide).
+_SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) that Triton's bundled ptxas reports for the PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        report = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", os.devnull, f.name],
+                                capture_output=True, text=True, check=True).stderr
+    regs = max((int(r) for r in re.findall(r"Used (\d+) registers", report)), default=0)
+    spills = sum(int(r) for r in re.findall(r"(\d+) bytes spill stores", report))
+    return regs, spills
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
-    parser.add_argument("--quick", action="store_true", help="float32 ieee, one scenario (~20 kernels)")
+    parser.add_argument("--quick", action="store_true",
+                        help="float32 ieee and tf32x3, one scenario each (26 kernels)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every tuning candidate of ops/tuning.py instead of the default config only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -96,18 +121,19 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource
 
     if args.quick:
-        scenarios = [(torch.float32, "ieee", True, 3, True, True)]
+        scenarios = [(torch.float32, "ieee", True, 3, True, True), (torch.float32, "tf32x3", True, 3, True, True)]
     else:
         scenarios = [
             (dtype, precision, weighted, iters, keep, lower)
-            for dtype, precision in [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "bf16"),
+            for dtype, precision in [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32"),
+                                     (torch.float32, "bf16"),
                                      (torch.float64, "ieee")]
             for weighted in (False, True)
             for iters, keep, lower in [(1, True, True), (3, True, False), (3, False, True)]
         ]
-    seen, failures = set(), 0
+    seen, failures, spilled = set(), 0, 0
     target = GPUTarget("cuda", args.arch, 32)
-    for fn, largs, kwargs in _capture_launches(scenarios):
+    for fn, largs, kwargs in _capture_launches(scenarios, args.candidates):
         sig, constexprs, options = _signature(fn, largs, kwargs)
         key = (fn.__name__, tuple(sig.items()), tuple(sorted((k[0], str(v)) for k, v in constexprs.items())),
                tuple(sorted(options.items())))
@@ -123,8 +149,15 @@ def main(argv=None) -> int:
             print(f"FAIL {label}\n     {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
         meta = kernel.metadata
-        print(f"ok   {time.time() - start:4.1f}s shared={meta.shared:6d} B  {label}")
-    print(f"{len(seen)} variants for sm_{args.arch}, {failures} failed")
+        regs, spills = _ptxas_usage(kernel.asm["ptx"])
+        spilled += spills > 0
+        if meta.shared > _SHARED_LIMIT.get(args.arch, 48 * 1024):
+            failures += 1
+            print(f"FAIL {label}\n     needs {meta.shared} B of shared memory; sm_{args.arch} has "
+                  f"{_SHARED_LIMIT.get(args.arch, 48 * 1024)} B per block")
+            continue
+        print(f"ok   {time.time() - start:4.1f}s shared={meta.shared:6d} B regs={regs:3d} spill={spills:5d} B  {label}")
+    print(f"{len(seen)} variants for sm_{args.arch}, {failures} failed, {spilled} spill registers to local memory")
     return 1 if failures else 0
 
 

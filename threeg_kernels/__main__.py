@@ -40,6 +40,18 @@ def main() -> None:
         for backend in dispatch.BACKENDS:
             reason = dispatch.unavailable_reason(backend, device)
             print(f"  {backend:<10} {'available' if reason is None else 'missing: ' + reason}")
+        if device.type == "cuda" and dispatch.unavailable_reason("triton", device) is None:
+            print(f"  triton launch settings: {_tuning_state()}")
+
+
+def _tuning_state() -> str:
+    from threeg_kernels.ops import tuning
+
+    if tuning.INTERPRET:
+        return "fixed (TRITON_INTERPRET=1)"
+    if not tuning.enabled():
+        return f"fixed defaults ({tuning.ENV}=0)"
+    return f"timed per shape at the first call ({tuning.ENV}=0 turns that off)"
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from .reference import ORDERS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Matmul input precisions of cov_pool: "ieee" (fp32-accurate, the default) or the opt-in faster modes.
-PRECISIONS = ("ieee", "tf32", "bf16")
+# Matmul input precisions of cov_pool: "ieee" (fp32-accurate, the default) or the opt-in faster modes:
+# "tf32x3" (three TF32 tensor-core products per product, close to fp32), "tf32", "bf16".
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -40,9 +40,10 @@ def cov_pool(
         backend: 'auto' (the fastest backend present for x's device; the THREEG_BACKEND environment
             variable overrides it), or one of 'reference', 'torch', 'triton', 'ext'.
             `threeg_kernels.available_backends(device)` lists those present.
-        precision: matmul inputs: 'ieee' (default; fp32-accurate), or the opt-in 'tf32' / 'bf16'
-            (tensor-core inputs, fp32 accumulation; faster, less accurate: docs/triton.md has the
-            measured error). Only the 'triton' backend accepts the opt-in modes; float64 is always ieee.
+        precision: matmul inputs: 'ieee' (default; fp32-accurate), or the opt-in tensor-core modes
+            'tf32x3' (three TF32 products per product: within the fp32 bound of 1e-5), 'tf32' or
+            'bf16' (fp32 accumulation; faster, less accurate: docs/triton.md has the measured error).
+            Only the 'triton' backend accepts the opt-in modes; float64 is always ieee.
 
     Returns:
         (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast

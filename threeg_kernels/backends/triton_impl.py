@@ -2,16 +2,16 @@
 
 One op pair per matmul precision, each following the contract of threeg_kernels/_registration.py:
     threeg::cov_pool_triton_forward / threeg::cov_pool_triton_backward            precision="ieee"
+    threeg::cov_pool_triton_tf32x3_forward / ..._tf32x3_backward                  precision="tf32x3"
     threeg::cov_pool_triton_tf32_forward / ..._tf32_backward                      precision="tf32"
     threeg::cov_pool_triton_bf16_forward / ..._bf16_backward                      precision="bf16"
 The kernels run inside a torch.library.custom_op (not triton_op + wrap_triton, whose fake-tensor
 tracing fails on CPU): fakes and autograd come from `register_pool_op`, so opcheck and
 torch.compile(fullgraph=True) treat the op as one opaque node.
 
-Forward: covariance (1 launch), Newton-Schulz with the trace folded into step 1 and the packed
-triangle into step K (2K - 1 launches). Backward: triangle scatter (1), reverse sweep (2 per step),
-step 1 with the trace partial sums (1), row means and the covariance backward (2). Math: the
-docstrings of threeg_kernels/ops/*.py.
+The op bodies run threeg_kernels/ops/head.py (forward: 2K launches; backward: 2K + 2) with the
+launch settings of ops/tuning.py: timed per shape at the first call on a GPU (THREEG_TRITON_AUTOTUNE=0
+turns that off), one fixed setting under the interpreter. Math: the docstrings of threeg_kernels/ops/*.py.
 
 Keep vs recompute: the forward keeps (Y_{k-1}, Z_{k-1}, T_k), k = 2..K (SAVE_ITERATES below): they
 are written by the forward anyway, so keeping costs memory (3(K-1) C^2 values a sample: 805 MB at
@@ -32,14 +32,19 @@ import torch
 import triton  # noqa: F401 - a missing Triton must fail this import; dispatch records the reason
 
 from .._registration import register_pool_op
-from ..ops._tiles import INTERPRET, PRECISIONS, launch_config
-from ..ops.covariance import covariance_backward, covariance_forward
-from ..ops.newton_schulz import newton_schulz_backward, newton_schulz_forward, newton_schulz_iterates
-from ..ops.triangle import triangle_backward
+from ..ops import tuning
+from ..ops._tiles import INTERPRET, PRECISIONS
+from ..ops.head import head_backward, head_forward
 from . import Loaded
 
 # The default of save_iterates (see the module docstring).
 SAVE_ITERATES = True
+
+
+def config_for(x, weight, iters, precision):
+    """The launch settings of one call: ops/tuning.py (timed per shape on a GPU, fixed under the interpreter).
+    A module attribute so that tests can substitute their own."""
+    return tuning.config_for(x, weight, iters, precision)
 
 
 def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
@@ -58,11 +63,9 @@ def _register(precision: str):
     def forward(
         x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, save_iterates: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, c, n = x.shape
-        cfg = launch_config(c, n, x.dtype, precision)
         with _on_device(x):
-            sigma = covariance_forward(x, weight, eps, cfg)
-            return newton_schulz_forward(sigma, iters, lower, save_iterates, cfg)
+            cfg = config_for(x, weight, iters, precision)
+            return head_forward(x, weight, iters, eps, lower, save_iterates, cfg)
 
     @torch.library.custom_op(f"threeg::cov_pool_triton{suffix}_backward", mutates_args=())
     def backward(
@@ -76,15 +79,9 @@ def _register(precision: str):
         iters: int,
         lower: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, c, n = x.shape
-        cfg = launch_config(c, n, x.dtype, precision)
-        A = A.contiguous()
         with _on_device(x):
-            if iterates.numel() == 0:
-                iterates = newton_schulz_iterates(A, iters, cfg)
-            dY, g_parts = triangle_backward(grad, out, tr, c, lower, cfg)
-            dA, a_parts = newton_schulz_backward(dY, A, iterates.contiguous(), iters, cfg)
-            return covariance_backward(dA, tr, a_parts, g_parts, x, weight, cfg)
+            cfg = config_for(x, weight, iters, precision)
+            return head_backward(grad, x, weight, out, A, tr, iterates, iters, lower, cfg)
 
     register_pool_op(forward, backward, _iterates_shape)
     return forward

@@ -7,8 +7,9 @@ Conventions of every kernel here:
 - loads are masked (other=0, so masked entries add nothing to a product) and kept in the dtype of the
   buffers, which is float32 or float64: the launchers cast nothing, `cov_pool` did;
 - the matmul precision is a compile-time string: "ieee" (fp32 products, the default and the only mode
-  for float64), "tf32" (tensor-core TF32 inputs, fp32 accumulation) or "bf16" (bf16 inputs, fp32
-  accumulation).
+  for float64), "tf32x3" (each fp32 operand split into a TF32 high part and a TF32 remainder, three
+  tensor-core products hi*hi + hi*lo + lo*hi: close to fp32 accuracy), "tf32" (tensor-core TF32
+  inputs, fp32 accumulation) or "bf16" (bf16 inputs, fp32 accumulation).
 """
 
 from __future__ import annotations
@@ -44,10 +45,22 @@ def mm(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
     """acc + a @ b in the accumulator's dtype, with the matmul inputs in PRECISION.
 
     EMULATE (interpreter only): tf32/bf16 inputs are rounded in fp32 and multiplied exactly, which is
-    what the tensor cores compute (exact products of the rounded inputs, fp32 sums).
+    what the tensor cores compute (exact products of the rounded inputs, fp32 sums); tf32x3 is emulated
+    as Triton's F32DotTC pass lowers it: lo*hi + hi*lo from zero, added to acc, then + hi*hi.
     """
     if PRECISION == "ieee":
         acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif PRECISION == "tf32x3":
+        if EMULATE:
+            a_hi = round_mantissa(a, "tf32")
+            b_hi = round_mantissa(b, "tf32")
+            a_lo = round_mantissa(a - a_hi, "tf32")
+            b_lo = round_mantissa(b - b_hi, "tf32")
+            small = tl.dot(a_lo, b_hi, tl.zeros_like(acc), input_precision="ieee")
+            small = tl.dot(a_hi, b_lo, small, input_precision="ieee")
+            acc = tl.dot(a_hi, b_hi, acc + small, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
     elif EMULATE:
         acc = tl.dot(round_mantissa(a, PRECISION), round_mantissa(b, PRECISION), acc, input_precision="ieee")
     elif PRECISION == "tf32":
@@ -103,20 +116,24 @@ class LaunchConfig:
 
 
 def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -> LaunchConfig:
-    """Launch settings for C channels and N positions.
+    """The default launch settings for C channels and N positions (ops/tuning.py times alternatives on a GPU).
 
     Under the interpreter every (program x reduction step) costs ~4 ms whatever its size, so the tiles
-    cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles,
-    10 of them computed for a symmetric result) with 32-deep steps; float64 uses 32 x 16 tiles to
-    bound the register use of its FMA-based products. Not autotuned yet: no GPU has run this code
-    (docs/triton.md).
+    cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles, 10 of
+    them computed for a symmetric result) with 8 warps, 16-deep reduction steps for the fp32 FMA
+    products ("ieee") and 32-deep for the tensor-core modes; float64 uses 32-wide tiles, 16 deep. Chosen
+    without a GPU by what the sm_90 compiler reports (`python -m tests.triton_compile_check --candidates`,
+    docs/triton.md): with 4 warps, or 32-deep fp32 steps, the reverse-sweep kernels spill registers.
     """
     if dtype == torch.float64:
         precision = "ieee"
     if INTERPRET:
         block = max(16, triton.next_power_of_2(min(c, 64)))
         return LaunchConfig(block, block, max(16, triton.next_power_of_2(min(n, 64))), 4, 1, precision, True)
+    cap_c = max(16, triton.next_power_of_2(c))
+    cap_n = max(16, triton.next_power_of_2(n))
     if dtype == torch.float64:
-        return LaunchConfig(32, 16, 32, 4, 2, precision, False)
-    block = 64 if c > 32 else max(16, triton.next_power_of_2(c))
-    return LaunchConfig(block, 32, 32, 4, 3, precision, False)
+        return LaunchConfig(min(32, cap_c), 16, min(32, cap_n), 4, 2, precision, False)
+    block = min(64, cap_c)
+    block_k = 16 if precision == "ieee" else 32
+    return LaunchConfig(block, min(block_k, block), min(32, cap_n), 8 if block >= 64 else 4, 3, precision, False)
