@@ -132,6 +132,12 @@ def test_opcheck(device, weighted, save_iterates, iters):
     opcheck_pool_ops("cov_pool_triton", weighted=weighted, save_iterates=save_iterates, iters=iters, device=device)
 
 
+@pytest.mark.parametrize("precision", [p for p in _tiles.PRECISIONS if p != "ieee"])
+def test_opcheck_precision_ops(device, precision):
+    """The op pair of each opt-in mode is registered like the default one (float64 runs them as ieee)."""
+    opcheck_pool_ops(f"cov_pool_triton_{precision}", weighted=True, save_iterates=True, iters=2, device=device)
+
+
 def test_compile_fullgraph_matches_eager(device):
     assert_compiled_matches_eager("triton", device)
 
@@ -201,11 +207,13 @@ def test_never_auto_on_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tests above compile every kernel anyway")
 def test_kernels_compile_for_sm90():
-    """Every kernel of one fp32 forward+backward compiles to an sm_90 cubin (the interpreter checks none of
-    the GPU compiler's rules: dot shapes, branch dtypes, shared memory). ~15 s of CPU; tests/triton_compile_check.py."""
+    """Every kernel of one fp32 forward+backward, in the "ieee" and "tf32x3" modes with the default launch
+    settings, compiles to an sm_90 cubin without spilling registers (the interpreter checks none of the
+    GPU compiler's rules: dot shapes, branch dtypes, shared memory, registers). ~15 s of CPU;
+    tests/triton_compile_check.py."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "tests.triton_compile_check", "--quick", "--arch", "90"],
+        [sys.executable, "-m", "tests.triton_compile_check", "--quick", "--arch", "90", "--max-spill", "0"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr

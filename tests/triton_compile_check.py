@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
     parser.add_argument("--quick", action="store_true",
-                        help="float32 ieee and tf32x3, one scenario each (26 kernels)")
+                        help="float32 ieee and tf32x3 defaults, one scenario each (24 kernels)")
+    parser.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
+                        help="fail a variant whose registers spill more than BYTES to local memory")
     parser.add_argument("--candidates", action="store_true",
                         help="every tuning candidate of ops/tuning.py instead of the default config only")
     args = parser.parse_args(argv)
@@ -151,6 +153,10 @@ def main(argv=None) -> int:
         meta = kernel.metadata
         regs, spills = _ptxas_usage(kernel.asm["ptx"])
         spilled += spills > 0
+        if args.max_spill is not None and spills > args.max_spill:
+            failures += 1
+            print(f"FAIL {label}\n     spills {spills} B of registers (--max-spill {args.max_spill})")
+            continue
         if meta.shared > _SHARED_LIMIT.get(args.arch, 48 * 1024):
             failures += 1
             print(f"FAIL {label}\n     needs {meta.shared} B of shared memory; sm_{args.arch} has "

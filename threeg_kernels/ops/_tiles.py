@@ -120,10 +120,11 @@ def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -
 
     Under the interpreter every (program x reduction step) costs ~4 ms whatever its size, so the tiles
     cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles, 10 of
-    them computed for a symmetric result) with 8 warps, 16-deep reduction steps for the fp32 FMA
-    products ("ieee") and 32-deep for the tensor-core modes; float64 uses 32-wide tiles, 16 deep. Chosen
-    without a GPU by what the sm_90 compiler reports (`python -m tests.triton_compile_check --candidates`,
-    docs/triton.md): with 4 warps, or 32-deep fp32 steps, the reverse-sweep kernels spill registers.
+    them computed for a symmetric result), 16-deep reduction steps, 8 warps, 3 stages; float64 uses
+    32-wide tiles. Chosen without a GPU by what the sm_90 compiler reports (`python -m
+    tests.triton_compile_check --candidates`, docs/triton.md): this is the one 64-wide setting whose
+    kernels spill no registers in every precision mode; with 4 warps, or 32-deep steps, the kernel of
+    the reverse sweep spills.
     """
     if dtype == torch.float64:
         precision = "ieee"
@@ -135,5 +136,4 @@ def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -
     if dtype == torch.float64:
         return LaunchConfig(min(32, cap_c), 16, min(32, cap_n), 4, 2, precision, False)
     block = min(64, cap_c)
-    block_k = 16 if precision == "ieee" else 32
-    return LaunchConfig(block, min(block_k, block), min(32, cap_n), 8 if block >= 64 else 4, 3, precision, False)
+    return LaunchConfig(block, 16, min(32, cap_n), 8 if block >= 64 else 4, 3, precision, False)
