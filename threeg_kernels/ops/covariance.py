@@ -4,8 +4,11 @@ Forward, per sample (x: C x N, w: N or none):
     X_w = X diag(w),  mu = X_w 1 / N,  Xc = X_w - mu 1^T
     Sigma = Xc Xc^T / N + eps I
 The weights, the centring and eps are applied to the tiles as they are loaded and stored: no X_w, Xc
-or N x N centring matrix is ever written. Two passes over each row panel (mu first, then the product
-of centred tiles) keep the cancellation of the one-pass form X_w X_w^T / N - mu mu^T out of Sigma.
+or N x N centring matrix is ever written. x and w are read once per output tile: each chunk of
+BLOCK_N columns is centred on its own means, and the chunks are merged with Chan's update
+    M <- M + M_chunk + n_prev n_c / (n_prev + n_c) d_i d_j^T,   d = chunk mean - running mean,
+which, unlike the one-pass form X_w X_w^T / N - mu mu^T, does not cancel when |mu| >> std (measured
+under the interpreter, Sigma against float64: 2.6e-7 relative at x ~ 1e4 + N(0, 1), 1.8e-7 at N(0, 1)).
 Sigma is symmetric: only the tiles i <= j are computed, each is stored with its mirror. The trace is
 not taken here: the first Newton-Schulz step reads the diagonal of Sigma (newton_schulz.py).
 
@@ -79,14 +82,31 @@ def covariance_forward_kernel(
         return
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
-    mu_i = _row_mean(x_ptr, w_ptr, b, rows, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W, BLOCK, BLOCK_N)
-    mu_j = _row_mean(x_ptr, w_ptr, b, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W, BLOCK, BLOCK_N)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=x_ptr.dtype.element_ty)
+    dt = x_ptr.dtype.element_ty
+    # One pass over N (Chan's pairwise update): each BLOCK_N chunk is centred on its own row means and
+    # multiplied; the running sum M = sum (x_i - mean_i)(x_j - mean_j) is moved to the merged means
+    # by the rank-1 term n_prev n_c / (n_prev + n_c) d_i d_j^T, d = chunk mean - running mean.
+    mean_i = tl.zeros((BLOCK,), dtype=dt)
+    mean_j = tl.zeros((BLOCK,), dtype=dt)
+    seen = tl.sum(tl.zeros((BLOCK_N,), dtype=dt), 0)  # columns merged so far (a scalar)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=dt)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
-        xi = _centred_tile(x_ptr, w_ptr, mu_i, b, rows, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
-        xj = _centred_tile(x_ptr, w_ptr, mu_j, b, cols, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+        n_c = tl.sum((ns < N).to(dt), 0)
+        xi = _weighted_tile(x_ptr, w_ptr, b, rows, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+        xj = _weighted_tile(x_ptr, w_ptr, b, cols, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+        ci = tl.sum(xi, 1) / n_c
+        cj = tl.sum(xj, 1) / n_c
+        xi = tl.where((rows[:, None] < C) & (ns[None, :] < N), xi - ci[:, None], 0.0)
+        xj = tl.where((cols[:, None] < C) & (ns[None, :] < N), xj - cj[:, None], 0.0)
         acc = mm(xi, tl.trans(xj), acc, PRECISION, EMULATE)
+        di = ci - mean_i
+        dj = cj - mean_j
+        total = seen + n_c
+        acc += (seen * n_c / total) * (di[:, None] * dj[None, :])
+        mean_i += di * (n_c / total)
+        mean_j += dj * (n_c / total)
+        seen = total
     sigma = acc / N + tl.where(rows[:, None] == cols[None, :], eps, 0.0)
     store_symmetric_tile(sigma_ptr, b, rows, cols, sigma, C, s_sb, s_sr, s_sc, ti != tj)
 
