@@ -20,10 +20,7 @@ from .helpers import assert_close_to_reference, make_case
 triton_impl = pytest.importorskip("threeg_kernels.backends.triton_impl")
 from threeg_kernels.ops import _tiles, tuning  # noqa: E402 - needs Triton, which the line above checks
 
-needs_triton = pytest.mark.skipif(
-    dispatch.unavailable_reason("triton", "cpu") is not None and not torch.cuda.is_available(),
-    reason="the triton backend runs on no device here",
-)
+DEVICES = [d for d in ("cpu", "cuda") if dispatch.unavailable_reason("triton", d) is None]
 
 
 def cfg(block, block_k=16, block_n=16, warps=4, stages=1):
@@ -160,11 +157,11 @@ def _gpu_candidates(c, n, monkeypatch):
         return tuning.candidates(c, n, torch.float32, "ieee")
 
 
-@needs_triton
-def test_every_gpu_candidate_matches_reference(monkeypatch):
+# CPU (interpreter) and/or CUDA, whichever runs Triton here; the CUDA case is selected by `pytest -m cuda`.
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
+def test_every_gpu_candidate_matches_reference(monkeypatch, device):
     """Each tile shape the tuner may pick computes the head correctly (C = 40 spans 1 or 2 tiles a side
     depending on the candidate; N = 33 spans 1 or 2 N-tiles)."""
-    device = "cpu" if dispatch.unavailable_reason("triton", "cpu") is None else "cuda"
     configs = _gpu_candidates(40, 33, monkeypatch)
     assert len({(c.block, c.block_k, c.block_n) for c in configs}) >= 3
     x, w, g = make_case(2, 40, 33, weighted=True, dtype=torch.float32, seed=3, device=device)
