@@ -8,7 +8,9 @@
     triangle.py       packed-triangle indexing for either order, the pack epilogue with sqrt(tr),
                       and the backward scatter into a symmetric C x C gradient.
     _tiles.py         tile helpers shared by the three (masked loads, the matmul in each precision mode,
-                      the mirrored store of a symmetric tile) and the launch settings.
+                      the mirrored store of a symmetric tile) and the default launch settings.
+    head.py           the whole head as kernel launches, forward and backward, for one launch config.
+    tuning.py         the launch config per shape: timed on the GPU at first use, fixed under the interpreter.
 
 Kernel files hold kernels and host launchers only; the autograd glue is threeg_kernels/_registration.py
 and the registered ops are in threeg_kernels/backends/triton_impl.py.
