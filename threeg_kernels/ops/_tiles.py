@@ -90,6 +90,14 @@ def tile_product(acc, l_ptr, r_ptr, b, rows, cols, C, s_b, s_r, s_c,
 
 
 @triton.jit
+def symmetric_sum_product(acc, p_ptr, q_ptr, b, rows, cols, C, s_b, s_r, s_c,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + (P Q + Q P)[b, rows, cols] (P Q first) for two C x C matrices of the same strides."""
+    acc = tile_product(acc, p_ptr, q_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    return tile_product(acc, q_ptr, p_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+
+
+@triton.jit
 def store_symmetric_tile(ptr, b, rows, cols, val, C, s_b, s_r, s_c, mirror):
     """Stores tile (rows, cols) of a symmetric C x C matrix and, if mirror, its transpose at (cols, rows)."""
     mask = (rows[:, None] < C) & (cols[None, :] < C)

@@ -54,11 +54,17 @@ def _row_mean(x_ptr, w_ptr, b, rows, C, N, s_xb, s_xc, s_xn, s_wb, s_wn,
 
 
 @triton.jit
-def _centred_tile(x_ptr, w_ptr, mu, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W: tl.constexpr):
-    """Xc[b, rows, cols] = X_w - mu 1^T, exactly 0 outside C x N (padding must not enter a product)."""
-    xt = _weighted_tile(x_ptr, w_ptr, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+def _centre(xt, mu, rows, cols, C, N):
+    """The tile xt (rows, cols) minus mu per row, exactly 0 outside C x N (padding must not enter a product)."""
     inside = (rows[:, None] < C) & (cols[None, :] < N)
     return tl.where(inside, xt - mu[:, None], 0.0)
+
+
+@triton.jit
+def _centred_tile(x_ptr, w_ptr, mu, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W: tl.constexpr):
+    """Xc[b, rows, cols] = X_w - mu 1^T, exactly 0 outside C x N."""
+    xt = _weighted_tile(x_ptr, w_ptr, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+    return _centre(xt, mu, rows, cols, C, N)
 
 
 @triton.jit
@@ -97,8 +103,8 @@ def covariance_forward_kernel(
         xj = _weighted_tile(x_ptr, w_ptr, b, cols, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
         ci = tl.sum(xi, 1) / n_c
         cj = tl.sum(xj, 1) / n_c
-        xi = tl.where((rows[:, None] < C) & (ns[None, :] < N), xi - ci[:, None], 0.0)
-        xj = tl.where((cols[:, None] < C) & (ns[None, :] < N), xj - cj[:, None], 0.0)
+        xi = _centre(xi, ci, rows, ns, C, N)
+        xj = _centre(xj, cj, cols, ns, C, N)
         acc = mm(xi, tl.trans(xj), acc, PRECISION, EMULATE)
         di = ci - mean_i
         dj = cj - mean_j

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import LaunchConfig, load_tile, mm, store_symmetric_tile, tile_product
+from ._tiles import (LaunchConfig, load_tile, mm, store_symmetric_tile, symmetric_sum_product,
+                     tile_product)
 from .triangle import store_packed
 
 
@@ -200,8 +201,7 @@ def ns_backward_step_kernel(
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     dtype = dY_ptr.dtype.element_ty
     sym = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # dY T + T dY
-    sym = tile_product(sym, dY_ptr, T_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
-    sym = tile_product(sym, T_ptr, dY_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    sym = symmetric_sum_product(sym, dY_ptr, T_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
     vy = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # Y dY Y
     vy = tile_product(vy, V_ptr, Yp_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
     dYp = sym - 1.5 * load_tile(dY_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
@@ -211,8 +211,7 @@ def ns_backward_step_kernel(
         uz = tile_product(uz, U_ptr, Zp_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
         dYp -= 0.5 * uz
         sym = tl.zeros((BLOCK, BLOCK), dtype=dtype)  # T dZ + dZ T
-        sym = tile_product(sym, T_ptr, dZ_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
-        sym = tile_product(sym, dZ_ptr, T_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+        sym = symmetric_sum_product(sym, T_ptr, dZ_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
         dZp += sym - 1.5 * load_tile(dZ_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
     store_symmetric_tile(dYp_ptr, b, rows, cols, dYp, C, s_b, s_r, s_c, ti != tj)
     store_symmetric_tile(dZp_ptr, b, rows, cols, dZp, C, s_b, s_r, s_c, ti != tj)
@@ -238,8 +237,7 @@ def ns_backward_first_step_kernel(
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     sym = tl.zeros((BLOCK, BLOCK), dtype=dY_ptr.dtype.element_ty)  # dY A + A dY
-    sym = tile_product(sym, dY_ptr, A_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
-    sym = tile_product(sym, A_ptr, dY_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
+    sym = symmetric_sum_product(sym, dY_ptr, A_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
     dA = 1.5 * load_tile(dY_ptr, b, rows, cols, C, C, s_b, s_r, s_c) - 0.5 * sym
     if HAS_DZ:
         dA -= 0.5 * load_tile(dZ_ptr, b, rows, cols, C, C, s_b, s_r, s_c)
