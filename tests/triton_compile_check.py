@@ -134,6 +134,7 @@ def main(argv=None) -> int:
             for iters, keep, lower in [(1, True, True), (3, True, False), (3, False, True)]
         ]
     seen, failures, spilled = set(), 0, 0
+    shared_limit = _SHARED_LIMIT.get(args.arch, 48 * 1024)
     target = GPUTarget("cuda", args.arch, 32)
     for fn, largs, kwargs in _capture_launches(scenarios, args.candidates):
         sig, constexprs, options = _signature(fn, largs, kwargs)
@@ -157,10 +158,10 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {label}\n     spills {spills} B of registers (--max-spill {args.max_spill})")
             continue
-        if meta.shared > _SHARED_LIMIT.get(args.arch, 48 * 1024):
+        if meta.shared > shared_limit:
             failures += 1
             print(f"FAIL {label}\n     needs {meta.shared} B of shared memory; sm_{args.arch} has "
-                  f"{_SHARED_LIMIT.get(args.arch, 48 * 1024)} B per block")
+                  f"{shared_limit} B per block")
             continue
         print(f"ok   {time.time() - start:4.1f}s shared={meta.shared:6d} B regs={regs:3d} spill={spills:5d} B  {label}")
     print(f"{len(seen)} variants for sm_{args.arch}, {failures} failed, {spilled} spill registers to local memory")

@@ -31,7 +31,7 @@ import os
 import statistics
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -53,6 +53,19 @@ _SHAPES = {
 }
 
 
+class Key(NamedTuple):
+    """What a tuning decision is kept for."""
+
+    device: torch.device
+    B: int
+    C: int
+    N: int
+    iters: int
+    weighted: bool
+    dtype: torch.dtype
+    precision: str
+
+
 @dataclass
 class TuneRecord:
     """One tuning decision: the key, the config kept, and what each candidate did."""
@@ -63,9 +76,8 @@ class TuneRecord:
     errors: dict = field(default_factory=dict)  # LaunchConfig -> "ExceptionType: first line"
 
     def as_dict(self) -> dict:
-        names = ("device", "B", "C", "N", "iters", "weighted", "dtype", "precision")
         return dict(
-            zip(names, (str(k) for k in self.key)),
+            zip(Key._fields, (str(k) for k in self.key)),
             chosen=dataclasses.asdict(self.chosen),
             candidates=[dict(dataclasses.asdict(cfg), ms=ms) for cfg, ms in self.times_ms.items()]
             + [dict(dataclasses.asdict(cfg), error=err) for cfg, err in self.errors.items()],
@@ -150,7 +162,7 @@ def config_for(x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, prec
     b, c, n = x.shape
     if INTERPRET or x.device.type != "cuda" or not enabled():
         return launch_config(c, n, x.dtype, precision)
-    key = (x.device, b, c, n, iters, weight is not None, x.dtype, precision)
+    key = Key(x.device, b, c, n, iters, weight is not None, x.dtype, precision)
     record = _TUNED.get(key)
     if record is not None:
         return record.chosen
