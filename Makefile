@@ -1,21 +1,23 @@
-# make demo  - set up (venv + dependencies + package) and run the main job
-# make test  - set up and run the whole test suite
-# A fresh machine needs only python3 (3.11) with venv; everything else is installed into $(VENV).
+# make demo       set up (venv + dependencies + package) and run the main job (the digits training demo)
+# make test       set up and run the whole test suite
+# make test-fast  the suite without the slow end-to-end tests (training runs, resume, DDP, torch.compile)
+# make lint       ruff: lint and format check (line length 120; pyproject.toml)
+# A fresh machine needs only python3 (>= 3.9) with venv; everything else is installed into $(VENV).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.threeg-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint format clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python requirements-dev.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+$(STAMP): $(VENV)/bin/python requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@
 
 setup: $(STAMP)
@@ -26,6 +28,17 @@ demo: setup
 test: setup
 	$(PY) -m threeg_kernels
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf build *.egg-info threeg_kernels/*.so

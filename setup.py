@@ -1,4 +1,4 @@
-"""Build of threeg-kernels.
+"""The compiled extension of threeg-kernels (metadata and dependencies: pyproject.toml).
 
 The Python package works on its own (backends 'reference' and 'torch'; 'triton' where Triton and a
 GPU are present). The compiled extension `threeg_kernels._C` (backend 'ext', csrc/) is added by
@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +77,10 @@ def _cuda_toolchain():
     # toolkit, or in the NVIDIA wheels next to torch (site-packages/nvidia/cu<major>/include).
     site = os.path.dirname(os.path.dirname(torch.__file__))
     include_dirs = [d for d in (os.path.join(site, "nvidia", f"cu{major}", "include"),) if os.path.isdir(d)]
-    if not any(os.path.exists(os.path.join(d, "cusparse.h")) for d in include_dirs + [os.path.join(os.environ["CUDA_HOME"], "include")]):
+    if not any(
+        os.path.exists(os.path.join(d, "cusparse.h"))
+        for d in include_dirs + [os.path.join(os.environ["CUDA_HOME"], "include")]
+    ):
         return "the CUDA library headers (cusparse.h) were not found", []
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return None, include_dirs
@@ -116,8 +119,10 @@ def extension_modules():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     if with_cuda:
-        _say(f"building the CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
-             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        _say(
+            f"building the CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
         ext = CUDAExtension(
             "threeg_kernels._C",
             sources + ["csrc/cuda/cov_pool_ext.cu"],
@@ -139,13 +144,5 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
-setup(
-    name="threeg-kernels",
-    version="0.1.0",
-    description="Fast, exact global covariance pooling (3G-Net / iSQRT-COV head) for PyTorch",
-    packages=find_packages(include=["threeg_kernels", "threeg_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Package metadata, version and dependencies live in pyproject.toml; this file adds the compiled extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <sstream>
@@ -41,11 +42,24 @@ inline void check_pool_inputs(const char* op, const at::Tensor& x, const std::op
   }
 }
 
+// The triangle order of the op contract ('3g' or 'mpncov'); returns true for '3g' (the lower triangle).
+inline bool is_lower_order(const char* op, c10::string_view order) {
+  TORCH_CHECK(order == "3g" || order == "mpncov", op, ": order must be '3g' or 'mpncov'; got '", order, "'");
+  return order == "3g";
+}
+
+// The ext kernels compute their products in the input dtype (fp32-accurate): 'ieee' only.
+inline void check_precision(const char* op, c10::string_view precision) {
+  TORCH_CHECK(precision == "ieee", op, ": precision must be 'ieee' (the only mode of the ext backend); got '",
+              precision, "'");
+}
+
 inline void check_forward_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                               int64_t iters, double eps, c10::DeviceType device) {
+                               int64_t iters, double eps, c10::string_view precision, c10::DeviceType device) {
   check_pool_inputs(op, x, weight, device);
   TORCH_CHECK(iters >= 1, op, ": iters must be >= 1; got ", iters);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0; got ", eps);
+  check_precision(op, precision);
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
@@ -60,9 +74,10 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t, a
 inline void check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& out, const at::Tensor& A,
                                 const at::Tensor& tr, const at::Tensor& iterates, at::IntArrayRef iterates_shape,
-                                int64_t iters, c10::DeviceType device) {
+                                int64_t iters, c10::string_view precision, c10::DeviceType device) {
   check_pool_inputs(op, x, weight, device);
   TORCH_CHECK(iters >= 1, op, ": iters must be >= 1; got ", iters);
+  check_precision(op, precision);
   const int64_t b = x.size(0), c = x.size(1);
   check_shape(op, "grad", grad, {b, triangle_size(c)}, x);
   check_shape(op, "out", out, {b, triangle_size(c)}, x);

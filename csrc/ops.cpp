@@ -1,5 +1,6 @@
-// The op schemas of the "ext" backend, declared once; each device file registers its kernels
-// (csrc/cpu/cov_pool_ext.cpp, csrc/cuda/cov_pool_ext.cu). The contract: threeg_kernels/_registration.py.
+// The op schemas of the "ext" backend; each device file registers its kernels (csrc/cpu/cov_pool_ext.cpp,
+// csrc/cuda/cov_pool_ext.cu). The contract is declared in threeg_kernels/_registration.py (FORWARD_SCHEMA,
+// BACKWARD_SCHEMA), which checks these declarations against it when the backend loads.
 //
 // FRAGMENT, not TORCH_LIBRARY: the Python backends define ops in the same `threeg` namespace.
 //
@@ -10,11 +11,11 @@
 
 TORCH_LIBRARY_FRAGMENT(threeg, m) {
   m.def(
-      "cov_pool_ext_forward(Tensor x, Tensor? weight, int iters, float eps, bool lower, bool save_iterates)"
-      " -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)");
+      "cov_pool_ext_forward(Tensor x, Tensor? weight, int iters, float eps, str order, bool keep_iterates,"
+      " str precision) -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)");
   m.def(
       "cov_pool_ext_backward(Tensor grad, Tensor x, Tensor? weight, Tensor out, Tensor A, Tensor tr,"
-      " Tensor iterates, int iters, bool lower) -> (Tensor dx, Tensor dweight)");
+      " Tensor iterates, int iters, str order, str precision) -> (Tensor dx, Tensor dweight)");
 }
 
 namespace {

@@ -45,7 +45,7 @@ def main() -> None:
 
 
 def _tuning_state() -> str:
-    from threeg_kernels.ops import tuning
+    from threeg_kernels.triton_kernels import tuning
 
     if tuning.INTERPRET:
         return "fixed (TRITON_INTERPRET=1)"

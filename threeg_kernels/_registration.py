@@ -1,21 +1,25 @@
-"""The contract every compiled backend of the pooling head follows, and its autograd glue.
+"""The contract every compiled backend of the pooling head follows: its op schema, declared once, and its
+autograd glue.
 
-A backend provides two registered ops (torch.library), one name each:
+A backend provides two registered ops (torch.library) named threeg::cov_pool_<name>_forward and
+threeg::cov_pool_<name>_backward with exactly the schemas FORWARD_SCHEMA and BACKWARD_SCHEMA below. The
+Python backends pass these strings to torch.library.custom_op; the C++ extension declares the same schema
+in csrc/ops.cpp, and `register_pool_op` checks every op against the declaration here, so a backend whose
+signature drifts fails at import, naming the difference.
 
-    threeg::<name>_forward(Tensor x, Tensor? weight, int iters, float eps, bool lower, bool save_iterates)
-        -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)
-    threeg::<name>_backward(Tensor grad, Tensor x, Tensor? weight, Tensor out, Tensor A, Tensor tr,
-                            Tensor iterates, int iters, bool lower)
-        -> (Tensor dx, Tensor dweight)
+    x          (B, C, N) in the compute dtype (float32 or float64: `cov_pool` casts narrower inputs up)
+    weight     (B, N) or None
+    order      the triangle order, '3g' or 'mpncov' (docs/math.md (8))
+    keep_iterates
+               True: the forward keeps what its backward needs of the Newton-Schulz iterates, in `iterates`;
+               False: `iterates` is empty and the backward recomputes them from A (docs/math.md, "keep or
+               recompute")
+    precision  the matmul input precision ('ieee', or a mode the backend lists in `Loaded.precisions`)
+    out        (B, C(C+1)/2);  A = Sigma / tr (B, C, C);  tr (B,)
+    dweight    an empty tensor when weight is None
 
-x is (B, C, N) and weight (B, N) in the compute dtype (float32 or float64: `cov_pool` casts
-narrower inputs up before calling), out is (B, C(C+1)/2), A = Sigma / tr is (B, C, C), tr is (B,).
-`lower` selects the '3g' order (lower triangle row-major) over 'mpncov' (upper triangle row-major).
-`iterates` is whatever the backend keeps of the Newton-Schulz iterates for its backward; an empty
-tensor means "recompute them from A". dweight is an empty tensor when weight is None.
-
-This module registers the fake (meta) kernels and the autograd formula for such a pair, so that
-every backend is traced by torch.compile and checked by opcheck in the same way.
+This module registers the fake (meta) kernels and the autograd formula for such a pair, so that every
+backend is traced by torch.compile and checked by opcheck in the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,32 @@ from typing import Callable, Mapping, Union
 
 import torch
 
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor? weight, int iters, float eps, str order, bool keep_iterates, str precision)"
+    " -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor x, Tensor? weight, Tensor out, Tensor A, Tensor tr, Tensor iterates, int iters,"
+    " str order, str precision) -> (Tensor dx, Tensor dweight)"
+)
+
 IteratesShape = Callable[[int, int, int], tuple[int, ...]]
+
+
+def _signature(schema: torch._C.FunctionSchema) -> tuple:
+    """What must agree between two declarations: argument names and types, return types (not return names,
+    which torch.library.custom_op does not keep)."""
+    return [(a.name, str(a.type)) for a in schema.arguments], [str(r.type) for r in schema.returns]
+
+
+def check_schema(op, schema: str) -> None:
+    """Raises TypeError naming the op unless its registered schema is `schema` (e.g. FORWARD_SCHEMA)."""
+    op = getattr(op, "_opoverload", op)  # a torch.library.custom_op -> its OpOverload
+    op = getattr(op, "default", op)  # an OpOverloadPacket (torch.ops.threeg.<name>) -> its OpOverload
+    have = op._schema
+    want = torch._C.parse_schema(f"{have.name}{schema}")
+    if _signature(have) != _signature(want):
+        raise TypeError(f"{have.name} is registered as\n    {have}\nbut the backend contract declares\n    {want}")
 
 
 def register_pool_op(
@@ -32,12 +61,14 @@ def register_pool_op(
     backward_op,
     iterates_shape: Union[IteratesShape, Mapping[str, IteratesShape]],
 ) -> None:
-    """Registers fake kernels for both ops and the autograd formula of the forward op.
+    """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula.
 
-    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (save_iterates=True); a
+    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
     backend whose device kernels keep different state gives one such function per device type
     (e.g. {"cpu": ..., "cuda": ...}).
     """
+    check_schema(forward_op, FORWARD_SCHEMA)
+    check_schema(backward_op, BACKWARD_SCHEMA)
 
     def _iterates_shape(x, iters):
         b, c, _ = x.shape
@@ -49,33 +80,35 @@ def register_pool_op(
         return shape_of(b, c, iters)
 
     @torch.library.register_fake(forward_op)
-    def _forward_fake(x, weight, iters, eps, lower, save_iterates):
+    def _forward_fake(x, weight, iters, eps, order, keep_iterates, precision):
         b, c, _ = x.shape
         out = x.new_empty(b, c * (c + 1) // 2)
         A = x.new_empty(b, c, c)
         tr = x.new_empty(b)
-        iterates = x.new_empty(_iterates_shape(x, iters) if save_iterates else (0,))
+        iterates = x.new_empty(_iterates_shape(x, iters) if keep_iterates else (0,))
         return out, A, tr, iterates
 
     @torch.library.register_fake(backward_op)
-    def _backward_fake(grad, x, weight, out, A, tr, iterates, iters, lower):
+    def _backward_fake(grad, x, weight, out, A, tr, iterates, iters, order, precision):
         dweight = x.new_empty(0) if weight is None else torch.empty_like(weight)
         return torch.empty_like(x), dweight
 
     def setup_context(ctx, inputs, output):
-        x, weight, iters, _eps, lower, _save = inputs
+        x, weight, iters, _eps, order, _keep, precision = inputs
         out, A, tr, iterates = output
         ctx.save_for_backward(x, weight, out, A, tr, iterates)
-        ctx.iters, ctx.lower = iters, lower
+        ctx.iters, ctx.order, ctx.precision = iters, order, precision
         ctx.mark_non_differentiable(A, tr, iterates)
         # Otherwise autograd fills a zero gradient for each auxiliary output (100s of MB for iterates).
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _gA, _gtr, _giterates):
         if grad_out is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, weight, out, A, tr, iterates = ctx.saved_tensors
-        dx, dweight = backward_op(grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.lower)
-        return dx, (dweight if weight is not None else None), None, None, None, None
+        dx, dweight = backward_op(
+            grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
+        )
+        return dx, (dweight if weight is not None else None), None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

@@ -26,9 +26,7 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W) or (B, C, N); got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"x must be float16, bfloat16, float32 or float64; got {_describe(x)}"
-        )
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {_describe(x)}")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must have shape (B, C, H, W) or (B, C, N); got {x.dim()}-d {_describe(x)}")
     b, c = x.shape[0], x.shape[1]
@@ -55,7 +53,9 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         accepted.append((b, n))
     if tuple(weight.shape) not in accepted:
         shapes = " or ".join(str(s) for s in accepted)
-        raise ValueError(f"weight must have shape {shapes} to match x of shape {tuple(x.shape)}; got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape {shapes} to match x of shape {tuple(x.shape)}; got {tuple(weight.shape)}"
+        )
     return x3, weight.reshape(b, n)
 
 
@@ -75,3 +75,11 @@ def check_options(iters, eps, order) -> None:
 def check_precision(precision) -> None:
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def check_keep_iterates(keep_iterates) -> None:
+    if keep_iterates is not None and not isinstance(keep_iterates, bool):
+        raise TypeError(
+            f"keep_iterates must be True, False or None (the backend's default); got {keep_iterates!r} "
+            f"({type(keep_iterates).__name__})"
+        )

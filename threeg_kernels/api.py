@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from ._validate import canonicalise, check_options, check_precision
+from ._validate import canonicalise, check_keep_iterates, check_options, check_precision
 from .reference import compute_dtype
 
 
@@ -21,12 +21,13 @@ def cov_pool(
     order: str = "3g",
     backend: str = "auto",
     precision: str = "ieee",
+    keep_iterates: Optional[bool] = None,
 ) -> torch.Tensor:
     """Global (weighted) covariance pooling with a Newton-Schulz matrix square root (3G-Net / iSQRT-COV).
 
-    Computes, per sample, Sigma = (1/N) X_w (I - 1 1^T / N) X_w^T + eps I with X_w = X * weight,
-    A = Sigma / trace(Sigma), `iters` coupled Newton-Schulz steps Y_K ~ A^{1/2}, S = sqrt(trace) Y_K,
-    and returns the C(C+1)/2 entries of one triangle of S (shared/SPEC.md section 1).
+    Computes, per sample, the weighted covariance Sigma of x (docs/math.md (1)), A = Sigma / trace(Sigma)
+    (2), `iters` coupled Newton-Schulz steps Y_K ~ A^{1/2} (3)-(5), S = sqrt(trace) Y_K (6), and returns
+    the C(C+1)/2 entries of one triangle of S in `order` (7)-(8).
 
     Args:
         x: features, (B, C, H, W) or (B, C, N); float16, bfloat16, float32 or float64. N = H*W >= 2.
@@ -44,6 +45,11 @@ def cov_pool(
             'tf32x3' (three TF32 products per product: within the fp32 bound of 1e-5), 'tf32' or
             'bf16' (fp32 accumulation; faster, less accurate: docs/triton.md has the measured error).
             Only the 'triton' backend accepts the opt-in modes; float64 is always ieee.
+        keep_iterates: what the backward of the 'torch', 'ext' and 'triton' backends starts from: True keeps
+            the Newton-Schulz iterates (or, for 'ext' on CPU, the eigendecomposition) from the forward, False
+            recomputes them in the backward (less memory, more work), None (default) uses the backend's
+            default (keep: docs/benchmark.md has the measurements). The result is the same either way; the
+            'reference' backend differentiates with autograd and ignores it.
 
     Returns:
         (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast
@@ -60,6 +66,7 @@ def cov_pool(
     x3, w2 = canonicalise(x, weight)
     check_options(iters, eps, order)
     check_precision(precision)
+    check_keep_iterates(keep_iterates)
     chosen = dispatch.resolve(backend, x3.device)
     if precision not in chosen.precisions:
         raise ValueError(
@@ -68,7 +75,9 @@ def cov_pool(
         )
     dtype = compute_dtype(x3.dtype)
     with torch.autocast(device_type=x3.device.type, enabled=False):
-        out = chosen.pool(x3.to(dtype), None if w2 is None else w2.to(dtype), int(iters), float(eps), order, precision)
+        keep = chosen.keep_iterates if keep_iterates is None else keep_iterates
+        wc = None if w2 is None else w2.to(dtype)
+        out = chosen.pool(x3.to(dtype), wc, int(iters), float(eps), order, precision, keep)
     return out.to(x.dtype)
 
 
@@ -76,22 +85,38 @@ class CovPool(nn.Module):
     """Module form of :func:`cov_pool`: forward(x, weight=None) -> (B, C(C+1)/2)."""
 
     def __init__(
-        self, iters: int = 5, eps: float = 1e-7, order: str = "3g", backend: str = "auto", precision: str = "ieee"
+        self,
+        iters: int = 5,
+        eps: float = 1e-7,
+        order: str = "3g",
+        backend: str = "auto",
+        precision: str = "ieee",
+        keep_iterates: Optional[bool] = None,
     ):
         super().__init__()
         check_options(iters, eps, order)
         check_precision(precision)
+        check_keep_iterates(keep_iterates)
         dispatch.check_backend(backend)
         self.iters, self.eps, self.order, self.backend = iters, eps, order, backend
-        self.precision = precision
+        self.precision, self.keep_iterates = precision, keep_iterates
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return cov_pool(
-            x, weight, iters=self.iters, eps=self.eps, order=self.order, backend=self.backend, precision=self.precision
+            x,
+            weight,
+            iters=self.iters,
+            eps=self.eps,
+            order=self.order,
+            backend=self.backend,
+            precision=self.precision,
+            keep_iterates=self.keep_iterates,
         )
 
     def extra_repr(self) -> str:
         extra = "" if self.precision == "ieee" else f", precision={self.precision!r}"
+        if self.keep_iterates is not None:
+            extra += f", keep_iterates={self.keep_iterates}"
         return f"iters={self.iters}, eps={self.eps}, order={self.order!r}, backend={self.backend!r}{extra}"
 
     @staticmethod

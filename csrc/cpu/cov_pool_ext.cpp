@@ -22,7 +22,7 @@
 //     coef = <dA, A> - 0.5 <grad, out>
 //     dA Xc = V^T (M (V Xc))             (3 C^2 N flops; when N > C: dA = V^T (M V) first, 2 C^3 + C^2 N)
 //     dX_w = 2 (dA Xc - coef Xc) / (N tr),  dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n]
-// Saved state ("iterates", save_iterates=True): per sample [V (C x C), L (C)], shape (B, C (C + 1));
+// Saved state ("iterates", keep_iterates=True): per sample [V (C x C), L (C)], shape (B, C (C + 1));
 // empty: the backward recomputes the eigendecomposition from A.
 //
 // Samples run in parallel (at::parallel_for over the batch, samples handed out one at a time; each thread
@@ -203,15 +203,17 @@ inline void for_triangle(int64_t c, bool lower, F f) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
-                                                       int64_t iters, double eps, bool lower, bool save_iterates) {
+                                                       int64_t iters, double eps, c10::string_view order,
+                                                       bool keep_iterates, c10::string_view precision) {
   const char* op = "threeg::cov_pool_ext_forward";
-  check_forward_args(op, x, weight, iters, eps, c10::kCPU);
+  check_forward_args(op, x, weight, iters, eps, precision, c10::kCPU);
+  const bool lower = is_lower_order(op, order);
   const int64_t b_n = x.size(0), c = x.size(1), n = x.size(2);
   const bool weighted = weight.has_value() && weight->defined();
   Tensor out = at::empty({b_n, triangle_size(c)}, x.options());
   Tensor A = at::empty({b_n, c, c}, x.options());
   Tensor tr = at::empty({b_n}, x.options());
-  Tensor iterates = save_iterates ? at::empty({b_n, c * (c + 1)}, x.options()) : at::empty({0}, x.options());
+  Tensor iterates = keep_iterates ? at::empty({b_n, c * (c + 1)}, x.options()) : at::empty({0}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_forward", [&] {
     const scalar_t* w = weighted ? weight->const_data_ptr<scalar_t>() : nullptr;
@@ -224,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       Tensor prod = at::empty({c, c}, x.options());  // Xc Xc^T, then Y
       Tensor proj = at::empty({c, n}, x.options());  // V Xc
       Tensor scaled = at::empty({c, c}, x.options());  // p(L) V
-      Tensor own_slot = save_iterates ? Tensor() : at::empty({c * (c + 1)}, x.options());
+      Tensor own_slot = keep_iterates ? Tensor() : at::empty({c * (c + 1)}, x.options());
       std::vector<scalar_t> p(c);
       Eigh<scalar_t> eigh(c);
       for (int64_t b = next++; b < b_n; b = next++) {
@@ -241,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
         for (int64_t i = 0; i < c * c; ++i) Ab[i] = P[i] * scale;
         for (int64_t i = 0; i < c; ++i) Ab[i * (c + 1)] += shift;
 
-        Tensor slot = save_iterates ? iterates[b] : own_slot;
+        Tensor slot = keep_iterates ? iterates[b] : own_slot;
         scalar_t* V = slot.mutable_data_ptr<scalar_t>();
         eigh(Ab, std::isfinite(tr_b), V);
         Tensor Vt = slot.narrow(0, 0, c * c).view({c, c});
@@ -266,10 +268,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
 
 std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, const std::optional<Tensor>& weight,
                                         const Tensor& out_in, const Tensor& A_in, const Tensor& tr_in,
-                                        const Tensor& iterates, int64_t iters, bool lower) {
+                                        const Tensor& iterates, int64_t iters, c10::string_view order,
+                                        c10::string_view precision) {
   const char* op = "threeg::cov_pool_ext_backward";
   const int64_t b_n = x.size(0), c = x.size(1), n = x.size(2);
-  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates, {b_n, c * (c + 1)}, iters, c10::kCPU);
+  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates, {b_n, c * (c + 1)}, iters, precision,
+                      c10::kCPU);
+  const bool lower = is_lower_order(op, order);
   const bool weighted = weight.has_value() && weight->defined();
   const bool saved = iterates.numel() != 0;
   const Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), A = A_in.contiguous(), tr = tr_in.contiguous();

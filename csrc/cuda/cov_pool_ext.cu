@@ -17,7 +17,7 @@
 //     step 1:  dA = 1.5 dY_1 - 0.5 (M + M^T) - 0.5 dZ_1,  M = dY_1 A                        [combine]
 //     coef = <dA, A> - 0.5 <grad, out>                                                     [coef]
 //     dX_w = 2 (dA Xc - coef Xc) / (N tr),  dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n] [finish]
-// Saved state ("iterates", save_iterates=True): (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, laid out
+// Saved state ("iterates", keep_iterates=True): (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, laid out
 // (K - 1, 3, B, C, C); empty: the backward re-runs the forward products from A.
 #include "../cov_pool_ext.h"
 
@@ -249,15 +249,17 @@ Tensor newton_schulz(const Tensor& A, int64_t iters, const Tensor& kept, cudaStr
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const std::optional<Tensor>& weight,
-                                                        int64_t iters, double eps, bool lower, bool save_iterates) {
-  check_forward_args("threeg::cov_pool_ext_forward", x, weight, iters, eps, c10::kCUDA);
+                                                        int64_t iters, double eps, c10::string_view order,
+                                                        bool keep_iterates, c10::string_view precision) {
+  check_forward_args("threeg::cov_pool_ext_forward", x, weight, iters, eps, precision, c10::kCUDA);
+  const bool lower = is_lower_order("threeg::cov_pool_ext_forward", order);
   at::AutoDispatchBelowADInplaceOrView guard;
   c10::cuda::CUDAGuard device_guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t b_n = x.size(0), c_n = x.size(1), n_n = x.size(2);
   Tensor out = at::empty({b_n, triangle_size(c_n)}, x.options());
   Tensor tr = at::empty({b_n}, x.options());
-  Tensor iterates = save_iterates ? at::empty({iters - 1, 3, b_n, c_n, c_n}, x.options()) : at::empty({0}, x.options());
+  Tensor iterates = keep_iterates ? at::empty({iters - 1, 3, b_n, c_n, c_n}, x.options()) : at::empty({0}, x.options());
   Tensor A;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_forward", [&] {
     Tensor xc = centred<scalar_t>(x, weight, stream);
@@ -265,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const s
     normalise_kernel<scalar_t><<<static_cast<int>(b_n), kThreads, 0, stream>>>(
         A.mutable_data_ptr<scalar_t>(), tr.mutable_data_ptr<scalar_t>(), c_n, n_n, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    Tensor Y = newton_schulz<scalar_t>(A, iters, save_iterates ? iterates : Tensor(), stream);
+    Tensor Y = newton_schulz<scalar_t>(A, iters, keep_iterates ? iterates : Tensor(), stream);
     pack_kernel<scalar_t><<<blocks_for(Y.numel()), kThreads, 0, stream>>>(
         Y.const_data_ptr<scalar_t>(), tr.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), c_n, lower,
         Y.numel());
@@ -276,10 +278,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const s
 
 std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_in, const Tensor& x, const std::optional<Tensor>& weight,
                                          const Tensor& out_in, const Tensor& A_in, const Tensor& tr_in,
-                                         const Tensor& iterates_in, int64_t iters, bool lower) {
+                                         const Tensor& iterates_in, int64_t iters, c10::string_view order,
+                                         c10::string_view precision) {
   const int64_t b_n = x.size(0), c_n = x.size(1), n_n = x.size(2);
   check_backward_args("threeg::cov_pool_ext_backward", grad_in, x, weight, out_in, A_in, tr_in, iterates_in,
-                      {iters - 1, 3, b_n, c_n, c_n}, iters, c10::kCUDA);
+                      {iters - 1, 3, b_n, c_n, c_n}, iters, precision, c10::kCUDA);
+  const bool lower = is_lower_order("threeg::cov_pool_ext_backward", order);
   at::AutoDispatchBelowADInplaceOrView guard;
   c10::cuda::CUDAGuard device_guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

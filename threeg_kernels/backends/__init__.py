@@ -17,7 +17,10 @@ import torch
 class Loaded:
     """What a backend module exposes: its pool function and a per-device status."""
 
-    pool: Callable  # (x (B,C,N), weight (B,N)|None, iters, eps, order, precision) -> (B, C(C+1)/2), compute dtype
+    # (x (B,C,N), weight (B,N)|None, iters, eps, order, precision, keep_iterates) -> (B, C(C+1)/2), compute dtype
+    pool: Callable
     unavailable_on: Callable[[torch.device], Optional[str]]  # why it cannot run there, or None
     # The matmul precisions `pool` supports; cov_pool checks the request against it before calling.
     precisions: tuple[str, ...] = ("ieee",)
+    # What keep_iterates=None means for this backend (each backend's module says why).
+    keep_iterates: bool = True

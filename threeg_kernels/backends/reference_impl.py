@@ -4,7 +4,8 @@ from .. import reference
 from . import Loaded
 
 
-def pool(x, weight, iters, eps, order, precision="ieee"):
+def pool(x, weight, iters, eps, order, precision, keep_iterates):
+    # autograd keeps what it needs: keep_iterates has no meaning here
     return reference.cov_pool(x, weight, iters, eps, order)
 
 

@@ -24,9 +24,10 @@ with dY_K = sqrt(tr) sym(G_S), dZ_K = 0 (so the first reverse step costs 3 produ
 In all 6K - 8 C x C x C products for K >= 2 (22 for K = 5; then one C x C x N for dX_w) against
 6K - 6 for the plain reverse sweep.
 
-Keep or recompute the iterates: with save_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k)
-for k = 2..K, 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so each is written in place; with False the backward re-runs the 3K-3 forward
-products from A. README.md ("keep vs recompute") has the measurement behind the default.
+Keep or recompute the iterates: with keep_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k)
+for k = 2..K, 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so each is written in place;
+with False the backward re-runs the 3K-3 forward products from A. README.md ("keep vs recompute") has
+the measurement behind the default.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from typing import Optional
 
 import torch
 
-from .._registration import register_pool_op
+from .. import reference
+from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pool_op
 from . import Loaded
 
 
 @lru_cache(maxsize=64)
-def _triangle_index(c: int, lower: bool, device: torch.device) -> torch.Tensor:
-    rows, cols = (torch.tril_indices if lower else torch.triu_indices)(c, c, device=device)
-    return rows * c + cols
+def _triangle_indices(c: int, order: str, device: torch.device) -> torch.Tensor:
+    return reference.triangle_indices(c, order, device)
 
 
 def _centred(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -83,22 +84,28 @@ def _sym2(m: torch.Tensor) -> torch.Tensor:
     return m + m.transpose(1, 2)
 
 
-@torch.library.custom_op("threeg::cov_pool_torch_forward", mutates_args=())
+@torch.library.custom_op("threeg::cov_pool_torch_forward", mutates_args=(), schema=FORWARD_SCHEMA)
 def cov_pool_torch_forward(
-    x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, save_iterates: bool
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    iters: int,
+    eps: float,
+    order: str,
+    keep_iterates: bool,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, n = x.shape
     xc = _centred(x, weight)
     sigma = torch.baddbmm(eps * _eye(c, x), xc, xc.transpose(1, 2), alpha=1.0 / n)
     tr = sigma.diagonal(dim1=1, dim2=2).sum(-1)
     A = sigma / tr[:, None, None]
-    Y, kept = _newton_schulz(A, iters, save_iterates)
-    out = (Y.reshape(b, c * c)[:, _triangle_index(c, lower, x.device)]) * tr.sqrt()[:, None]
-    iterates = kept if save_iterates else x.new_empty(0)
+    Y, kept = _newton_schulz(A, iters, keep_iterates)
+    out = (Y.reshape(b, c * c)[:, _triangle_indices(c, order, x.device)]) * tr.sqrt()[:, None]
+    iterates = kept if keep_iterates else x.new_empty(0)
     return out, A, tr, iterates
 
 
-@torch.library.custom_op("threeg::cov_pool_torch_backward", mutates_args=())
+@torch.library.custom_op("threeg::cov_pool_torch_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
 def cov_pool_torch_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -108,13 +115,14 @@ def cov_pool_torch_backward(
     tr: torch.Tensor,
     iterates: torch.Tensor,
     iters: int,
-    lower: bool,
+    order: str,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, n = x.shape
     if iterates.numel() == 0:
         _, iterates = _newton_schulz(A, iters, keep=True)
     dS = grad.new_zeros(b, c * c)
-    dS[:, _triangle_index(c, lower, x.device)] = grad * (0.5 * tr.sqrt())[:, None]
+    dS[:, _triangle_indices(c, order, x.device)] = grad * (0.5 * tr.sqrt())[:, None]
     dY = _sym2(dS.view(b, c, c))  # sqrt(tr) sym(G_S)
     dZ = None
     for k in range(iters - 1, 0, -1):
@@ -145,12 +153,9 @@ def cov_pool_torch_backward(
 register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, _iterates_shape)
 
 
-# The default of save_iterates, chosen by measurement (README.md, "keep vs recompute").
-SAVE_ITERATES = True
+def pool(x, weight, iters, eps, order, precision, keep_iterates):
+    return cov_pool_torch_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
 
 
-def pool(x, weight, iters, eps, order, precision="ieee"):
-    return cov_pool_torch_forward(x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
-
-
-LOADED = Loaded(pool=pool, unavailable_on=lambda device: None)
+# Keep the iterates by default: measured faster for 6x the saved memory (docs/benchmark.md, "keep vs recompute").
+LOADED = Loaded(pool=pool, unavailable_on=lambda device: None, keep_iterates=True)

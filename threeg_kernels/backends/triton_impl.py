@@ -1,22 +1,18 @@
-"""The "triton" backend: the Triton kernels of threeg_kernels/ops as registered torch ops.
+"""The "triton" backend: the Triton kernels of threeg_kernels/triton_kernels as one registered op pair,
+threeg::cov_pool_triton_forward / threeg::cov_pool_triton_backward, following the contract of
+threeg_kernels/_registration.py; `precision` ('ieee', 'tf32x3', 'tf32', 'bf16') is an argument of the op
+and reaches the kernels as a compile-time constant. The kernels run inside a torch.library.custom_op (not
+triton_op + wrap_triton, whose fake-tensor tracing fails on CPU): fakes and autograd come from
+`register_pool_op`, so opcheck and torch.compile(fullgraph=True) treat the op as one opaque node.
 
-One op pair per matmul precision, each following the contract of threeg_kernels/_registration.py:
-    threeg::cov_pool_triton_forward / threeg::cov_pool_triton_backward            precision="ieee"
-    threeg::cov_pool_triton_tf32x3_forward / ..._tf32x3_backward                  precision="tf32x3"
-    threeg::cov_pool_triton_tf32_forward / ..._tf32_backward                      precision="tf32"
-    threeg::cov_pool_triton_bf16_forward / ..._bf16_backward                      precision="bf16"
-The kernels run inside a torch.library.custom_op (not triton_op + wrap_triton, whose fake-tensor
-tracing fails on CPU): fakes and autograd come from `register_pool_op`, so opcheck and
-torch.compile(fullgraph=True) treat the op as one opaque node.
+The op bodies run threeg_kernels/triton_kernels/head.py (forward: 2K launches; backward: 2K + 2) with the
+launch settings of triton_kernels/tuning.py: timed per shape at the first call on a GPU
+(THREEG_TRITON_AUTOTUNE=0 turns that off), one fixed setting under the interpreter.
 
-The op bodies run threeg_kernels/ops/head.py (forward: 2K launches; backward: 2K + 2) with the
-launch settings of ops/tuning.py: timed per shape at the first call on a GPU (THREEG_TRITON_AUTOTUNE=0
-turns that off), one fixed setting under the interpreter. Math: the docstrings of threeg_kernels/ops/*.py.
-
-Keep vs recompute: the forward keeps (Y_{k-1}, Z_{k-1}, T_k), k = 2..K (SAVE_ITERATES below): they
-are written by the forward anyway, so keeping costs memory (3(K-1) C^2 values a sample: 805 MB at
-B = 256, C = 256, K = 5 in fp32) and no work, while recomputing adds 3K - 4 = 11 products to the
-12 + 30 of forward+backward (+26% FLOPs, K = 5). Not measured on a GPU yet (docs/triton.md).
+Keep vs recompute: the forward writes (Y_{k-1}, Z_{k-1}, T_k), k = 2..K, anyway, so keeping them costs
+memory (3(K-1) C^2 values a sample: 805 MB at B = 256, C = 256, K = 5 in fp32) and no work, while
+recomputing adds 3K - 4 = 11 products to the 12 + 30 of forward+backward (+26% FLOPs, K = 5). Keeping is the
+default by that count; it has not been timed on a GPU.
 
 Devices: CUDA with a working Triton driver; CPU only under TRITON_INTERPRET=1 (set before this module
 is imported), which is slow and meant for tests. float64 runs with tl.dot on float64 (exact on the
@@ -29,21 +25,18 @@ import contextlib
 from typing import Optional
 
 import torch
-import triton  # noqa: F401 - a missing Triton must fail this import; dispatch records the reason
+import triton
 
-from .._registration import register_pool_op
-from ..ops import tuning
-from ..ops._tiles import INTERPRET, PRECISIONS
-from ..ops.head import head_backward, head_forward
+from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pool_op
+from ..triton_kernels import tuning
+from ..triton_kernels._tiles import INTERPRET, PRECISIONS
+from ..triton_kernels.head import head_backward, head_forward
 from . import Loaded
-
-# The default of save_iterates (see the module docstring).
-SAVE_ITERATES = True
 
 
 def config_for(x, weight, iters, precision):
-    """The launch settings of one call: ops/tuning.py (timed per shape on a GPU, fixed under the interpreter).
-    A module attribute so that tests can substitute their own."""
+    """The launch settings of one call: triton_kernels/tuning.py (timed per shape on a GPU, fixed under the
+    interpreter). A module attribute so that tests can substitute their own."""
     return tuning.config_for(x, weight, iters, precision)
 
 
@@ -56,42 +49,44 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _register(precision: str):
-    suffix = "" if precision == "ieee" else f"_{precision}"
-
-    @torch.library.custom_op(f"threeg::cov_pool_triton{suffix}_forward", mutates_args=())
-    def forward(
-        x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, save_iterates: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with _on_device(x):
-            cfg = config_for(x, weight, iters, precision)
-            return head_forward(x, weight, iters, eps, lower, save_iterates, cfg)
-
-    @torch.library.custom_op(f"threeg::cov_pool_triton{suffix}_backward", mutates_args=())
-    def backward(
-        grad: torch.Tensor,
-        x: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        out: torch.Tensor,
-        A: torch.Tensor,
-        tr: torch.Tensor,
-        iterates: torch.Tensor,
-        iters: int,
-        lower: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with _on_device(x):
-            cfg = config_for(x, weight, iters, precision)
-            return head_backward(grad, x, weight, out, A, tr, iterates, iters, lower, cfg)
-
-    register_pool_op(forward, backward, _iterates_shape)
-    return forward
+@torch.library.custom_op("threeg::cov_pool_triton_forward", mutates_args=(), schema=FORWARD_SCHEMA)
+def cov_pool_triton_forward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    iters: int,
+    eps: float,
+    order: str,
+    keep_iterates: bool,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        cfg = config_for(x, weight, iters, precision)
+        return head_forward(x, weight, iters, eps, order == "3g", keep_iterates, cfg)
 
 
-FORWARD = {precision: _register(precision) for precision in PRECISIONS}
+@torch.library.custom_op("threeg::cov_pool_triton_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def cov_pool_triton_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    out: torch.Tensor,
+    A: torch.Tensor,
+    tr: torch.Tensor,
+    iterates: torch.Tensor,
+    iters: int,
+    order: str,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        cfg = config_for(x, weight, iters, precision)
+        return head_backward(grad, x, weight, out, A, tr, iterates, iters, order == "3g", cfg)
 
 
-def pool(x, weight, iters, eps, order, precision="ieee"):
-    return FORWARD[precision](x, weight, iters, eps, order == "3g", SAVE_ITERATES)[0]
+register_pool_op(cov_pool_triton_forward, cov_pool_triton_backward, _iterates_shape)
+
+
+def pool(x, weight, iters, eps, order, precision, keep_iterates):
+    return cov_pool_triton_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
 
 
 _NOT_ON_CPU = "Triton kernels run on CUDA devices; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
@@ -118,4 +113,4 @@ def unavailable_on(device: torch.device) -> Optional[str]:
     return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1); got device type {device.type!r}"
 
 
-LOADED = Loaded(pool=pool, unavailable_on=unavailable_on, precisions=PRECISIONS)
+LOADED = Loaded(pool=pool, unavailable_on=unavailable_on, precisions=PRECISIONS, keep_iterates=True)

@@ -34,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (LaunchConfig, load_tile, mm, store_symmetric_tile, symmetric_sum_product,
-                     tile_product)
+from ._tiles import LaunchConfig, load_tile, mm, store_symmetric_tile, symmetric_sum_product, tile_product
 from .triangle import store_packed
 
 

@@ -124,7 +124,7 @@ class LaunchConfig:
 
 
 def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -> LaunchConfig:
-    """The default launch settings for C channels and N positions (ops/tuning.py times alternatives on a GPU).
+    """The default launch settings for C channels and N positions (tuning.py times alternatives on a GPU).
 
     Under the interpreter every (program x reduction step) costs ~4 ms whatever its size, so the tiles
     cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles, 10 of
