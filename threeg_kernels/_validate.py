@@ -31,7 +31,9 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise ValueError(f"x must have shape (B, C, H, W) or (B, C, N); got {x.dim()}-d {_describe(x)}")
     b, c = x.shape[0], x.shape[1]
     spatial = tuple(x.shape[2:])
-    n = math.prod(spatial)
+    n = 1
+    for size in spatial:  # not math.prod: the sizes may be symbolic under torch.compile(dynamic=True)
+        n = n * size
     if c < 1:
         raise ValueError(f"x must have C >= 1 channels; got {_describe(x)}")
     if n < 2:
@@ -64,9 +66,9 @@ def check_options(iters, eps, order) -> None:
         raise TypeError(f"iters must be an int >= 1; got {iters!r} ({type(iters).__name__})")
     if iters < 1:
         raise ValueError(f"iters must be >= 1; got {iters}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"eps must be a real number >= 0; got {eps!r} ({type(eps).__name__})")
-    if not math.isfinite(eps) or eps < 0:
+    if not 0 <= eps < math.inf:  # comparisons, not math.isfinite: eps may be symbolic under torch.compile
         raise ValueError(f"eps must be finite and >= 0; got {eps!r}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
@@ -82,4 +84,14 @@ def check_keep_iterates(keep_iterates) -> None:
         raise TypeError(
             f"keep_iterates must be True, False or None (the backend's default); got {keep_iterates!r} "
             f"({type(keep_iterates).__name__})"
+        )
+
+
+def check_eps_representable(eps, dtype: torch.dtype) -> None:
+    """ValueError unless eps > 0 survives the cast to the compute dtype (neither 0 nor inf there)."""
+    finfo = torch.finfo(dtype)
+    if eps != 0 and not finfo.tiny <= eps <= finfo.max:
+        raise ValueError(
+            f"eps must be 0 or between {finfo.tiny:.3g} and {finfo.max:.3g} to be representable in the compute "
+            f"dtype {dtype} (a normal number: smaller would vanish or lose precision on the diagonal); got {eps!r}"
         )

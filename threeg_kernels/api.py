@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import dispatch
-from ._validate import canonicalise, check_keep_iterates, check_options, check_precision
+from ._validate import (
+    canonicalise,
+    check_eps_representable,
+    check_keep_iterates,
+    check_options,
+    check_precision,
+)
 from .reference import compute_dtype
 
 
@@ -74,11 +81,22 @@ def cov_pool(
             f"backend={backend!r} on {x3.device} runs one that supports only {chosen.precisions}"
         )
     dtype = compute_dtype(x3.dtype)
-    with torch.autocast(device_type=x3.device.type, enabled=False):
-        keep = chosen.keep_iterates if keep_iterates is None else keep_iterates
+    check_eps_representable(eps, dtype)
+    # Without a backward to come (no_grad, inference_mode, or no input that needs a gradient) keeping the
+    # iterates would only hold memory.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    keep = needs_grad and (chosen.keep_iterates if keep_iterates is None else keep_iterates)
+    with _no_autocast(x3.device.type):
         wc = None if w2 is None else w2.to(dtype)
         out = chosen.pool(x3.to(dtype), wc, int(iters), float(eps), order, precision, keep)
     return out.to(x.dtype)
+
+
+def _no_autocast(device_type: str):
+    """Autocast off inside the op (it computes in float32/float64 itself), where the device type has autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class CovPool(nn.Module):

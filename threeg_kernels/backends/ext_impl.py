@@ -13,17 +13,19 @@ Saved state ("iterates", keep_iterates=True), per device:
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .._registration import register_pool_op
 from . import Loaded
 
-try:
-    from .. import _C
-except ImportError as exc:
+if importlib.util.find_spec("threeg_kernels._C") is None:
     raise ImportError(
-        f"compiled extension threeg_kernels._C not built: run `pip install --no-build-isolation -e .` ({exc})"
-    ) from exc
+        "the compiled extension threeg_kernels._C is not built: run `pip install --no-build-isolation -e .` "
+        "(setup.py says why a build skipped it)"
+    )
+from .. import _C
 
 ITERATES_SHAPE = {
     "cpu": lambda b, c, iters: (b, c * (c + 1)),

@@ -1,33 +1,16 @@
 """The "torch" backend: batched ATen ops with a hand-written backward, as registered torch ops.
 
-Forward (x: (B, C, N), weight: (B, N) or None; SPEC section 1):
-    Xc    = X_w - mu 1^T,  X_w = X * w,  mu = X_w 1 / N
-    Sigma = Xc Xc^T / N + eps I,  tr = trace(Sigma),  A = Sigma / tr
-    step 1:      T_1 = 1.5 I - 0.5 A,  Y_1 = A T_1 (= 1.5 A - 0.5 A A, one baddbmm),  Z_1 = T_1
-    step k >= 2: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1},  Y_k = Y_{k-1} T_k,  Z_k = T_k Z_{k-1} (not for k = K)
-    S = sqrt(tr) Y_K,  out = S[triangle]
-    That is 3K - 3 batched C x C products (12 for K = 5).
+Forward: the covariance and trace (docs/math.md (1)-(2)), the first step in its shortcut form (5) as one
+baddbmm, the remaining steps (3) without the last Z, post-compensation and the packed triangle (6)-(8):
+3K - 3 batched C x C products (12 for K = 5).
 
-Backward. Only the symmetric part of dL/dS matters (the head is transpose-equivariant and dX depends
-on dSigma + dSigma^T), so G_S is symmetrised first. Every iterate is a symmetric polynomial in A and
-Z_{k-1} Y_{k-1} = 3 I - 2 T_k, which turns the plain reverse step
-    dT = Y dY + dZ Z,  dY' = dY T - 0.5 Z dT,  dZ' = T dZ - 0.5 dT Y
-into one whose every quantity stays symmetric (M + M^T needs one product, not two):
-    dY_{k-1} = M + M^T - 1.5 dY_k - 0.5 Z_{k-1} dZ_k Z_{k-1},   M = dY_k T_k
-    dZ_{k-1} = N + N^T - 1.5 dZ_k - 0.5 Y_{k-1} dY_k Y_{k-1},   N = T_k dZ_k
-with dY_K = sqrt(tr) sym(G_S), dZ_K = 0 (so the first reverse step costs 3 products, the others 6), and
-    step 1 (Y_1 = A T_1, Z_1 = T_1, A = 3 I - 2 T_1):  dA = M + M^T - 1.5 dY_1 - 0.5 dZ_1,  M = dY_1 T_1
-    trace:  dSigma = (dA - (<dA, A> - 0.5 <grad, out>) I) / tr
-            (<G_S, Y_K> sqrt(tr) = <grad, out>, so Y_K itself is not needed)
-    cov:    dX_w = 2 dSigma Xc / N   (dSigma is symmetric; the centring drops out since Xc 1 = 0)
-            dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n]
-In all 6K - 8 C x C x C products for K >= 2 (22 for K = 5; then one C x C x N for dX_w) against
-6K - 6 for the plain reverse sweep.
+Backward: the triangle scatter (9), the symmetric reverse sweep (11) and its step 1 (12), whose every
+quantity stays symmetric so that M + M^T costs one product, then the trace and covariance steps
+(13)-(14): 6K - 8 products for K >= 2 (22 for K = 5) and one C x C x N product for dX_w (23).
 
-Keep or recompute the iterates: with keep_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k)
-for k = 2..K, 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so each is written in place;
-with False the backward re-runs the 3K-3 forward products from A. README.md ("keep vs recompute") has
-the measurement behind the default.
+Keep or recompute (21): with keep_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K,
+3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so that each is written in place; with False the
+backward re-runs the 3K - 3 forward products from A.
 """
 
 from __future__ import annotations
