@@ -1,33 +1,21 @@
 // CPU kernels of the "ext" backend: threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward.
 //
-// The spectral route (shared/PERFORMANCE.md). Every Newton-Schulz iterate is a polynomial in A, so
-// with one symmetric eigendecomposition A = U L U^T (LAPACK syevd) the K-step result is
-//     Y_K = U p(L) U^T,   p: the scalar recursion y <- y t, z <- t z, t = (3 - z y) / 2 from y = l, z = 1
-// and the exact gradient of the unrolled K steps, for any incoming dY, is
-//     dA = U (D o (U^T dY U)) U^T,   D_ij = p[l_i, l_j] (divided difference; D_ii = p'(l_i)).
-// D is computed without cancellation by running the recursion on pairs: with (gh)[a,b] = g[a,b] h(b) + g(a) h[a,b],
-//     (zy)[a,b] = z[a,b] y(b) + z(a) y[a,b],  t[a,b] = -(zy)[a,b] / 2,
-//     y'[a,b]   = y[a,b] t(b) + y(a) t[a,b],  z'[a,b] = t[a,b] z(b) + t(a) z[a,b],   from y[a,b] = 1, z[a,b] = 0.
-// It is the same function as the iteration (not the limit A^{1/2}): it matches reference.py for any K and
-// for rank-deficient covariances (whose eigenvalues crowd at eps / tr, where D tends to p').
+// The spectral route, docs/math.md (15)-(20): one symmetric eigendecomposition A = U L U^T (LAPACK syevd)
+// gives the K-step result Y_K = U p(L) U^T (15)-(16) and the exact gradient of the unrolled iteration (17),
+// its divided differences computed by the pair recursion (18) without cancellation. The same function as the
+// iteration (not the limit A^{1/2}): it matches reference.py for any K and for rank-deficient covariances.
 //
-// Forward, per sample (SPEC section 1; Xc = X_w - mu 1^T, X_w = X * w):
-//     P = Xc Xc^T,  tr = trace(P) / N + C eps,  A = (P / N + eps I) / tr
-//     A = V^T L V  (V = U^T: syevd leaves U column-major, i.e. V row-major, in the saved slot)
-//     l_i <- |(V Xc)_i|^2 / (N tr) + eps / tr   (Rayleigh quotients: see rayleigh_eigenvalues)
-//     out = sqrt(tr) * triangle(V^T (p(L) V))
-// Backward, per sample (the torch backend's docstring has the same trace/covariance steps):
-//     dY = sqrt(tr) sym(G_S)  (G_S: grad scattered into the triangle)
-//     M = V dY V^T,  M <- D o M,  <dA, A> = sum_i D_ii M_ii l_i  (no C x C product needed for it)
-//     coef = <dA, A> - 0.5 <grad, out>
-//     dA Xc = V^T (M (V Xc))             (3 C^2 N flops; when N > C: dA = V^T (M V) first, 2 C^3 + C^2 N)
-//     dX_w = 2 (dA Xc - coef Xc) / (N tr),  dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n]
-// Saved state ("iterates", keep_iterates=True): per sample [V (C x C), L (C)], shape (B, C (C + 1));
-// empty: the backward recomputes the eigendecomposition from A.
+// Per sample (V = U^T: syevd leaves U column-major, i.e. V row-major, in the saved slot):
+//   forward:  Xc (1); P = Xc Xc^T, tr and A (1)-(2); syevd of A; eigenvalues refined through R = V Xc (20);
+//             p(L) (16); Y = V^T (p(L) V); out = sqrt(tr) Y packed in order (6)-(8)
+//   backward: dY_K (9) and <grad, out>; M = D o (V dY V^T) (17)-(18); <dA, A> and dA Xc (19) (dA formed first
+//             when N > C); c and dX_w (13)-(14); dX, dw (14)
+// Saved state when the iterates are kept, (21): per sample [V (C x C), L (C)], shape (B, C (C + 1)); empty:
+// the backward recomputes the eigendecomposition from A.
 //
 // Samples run in parallel (at::parallel_for over the batch, samples handed out one at a time; each thread
-// calls single-threaded BLAS/LAPACK on its own scratch). No N x N matrix is formed; the covariance, trace, normalisation, centring and the
-// triangle pack/scatter are fused loops around the products.
+// calls single-threaded BLAS/LAPACK on its own scratch). No N x N matrix is formed; the covariance, trace,
+// normalisation, centring and the triangle pack/scatter are fused loops around the products.
 #include "../cov_pool_ext.h"
 
 #include <ATen/Config.h>
@@ -116,7 +104,7 @@ class Eigh {
   std::vector<int> iwork_;
 };
 
-// The scalar recursion on every eigenvalue: ys/zs[k C + i] = y_k, z_k (before step k + 1),
+// The scalar recursion docs/math.md (16) on every eigenvalue: ys/zs[k C + i] = y_k, z_k (before step k + 1),
 // ts[k C + i] = t_{k+1}; returns p(l_i) = y_K in p.
 template <typename scalar_t>
 void trajectories(const scalar_t* l, int64_t c, int64_t iters, scalar_t* ys, scalar_t* zs, scalar_t* ts,
@@ -137,11 +125,9 @@ void trajectories(const scalar_t* l, int64_t c, int64_t iters, scalar_t* ys, sca
   }
 }
 
-// The eigenvalues of A as Rayleigh quotients through the features: with R = V Xc,
-//     l_i = v_i^T A v_i = |R_i|^2 / (N tr) + eps / tr.
-// syevd's eigenvalues carry an absolute error ~ eps_mach ||A||; for a rank-deficient covariance most of
-// them sit at eps / tr, below that error, and p amplifies it by p'(0) = 1.5^K. The squared form has an
-// error ~ eps_mach^2 there (and is >= eps / tr), which brings float32 back to the iteration's accuracy.
+// The eigenvalues of A as Rayleigh quotients through the features, docs/math.md (20), with R = V Xc and
+// `shift` = eps / tr: syevd's own eigenvalues are too coarse at eps / tr, where p amplifies their error by
+// 1.5^K. The squared form is >= eps / tr and brings float32 back to the iteration's accuracy.
 template <typename scalar_t>
 void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, double shift, scalar_t* l) {
   for (int64_t i = 0; i < c; ++i) {
@@ -151,7 +137,7 @@ void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, 
   }
 }
 
-// Row i of D: dy[j] = p[l_i, l_j] for j <= i, by the pair recursion (see the header comment).
+// Row i of D: dy[j] = p[l_i, l_j] for j <= i, by the pair recursion docs/math.md (18) with a = l_i, b = l_j.
 template <typename scalar_t>
 void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
                          const scalar_t* ts, scalar_t* __restrict__ dy, scalar_t* __restrict__ dz) {
@@ -191,8 +177,7 @@ class SequentialBlas {
 #endif
 };
 
-// Calls f(i, j, flat index) over the vectorised triangle in its order ('3g': lower row-major,
-// 'mpncov': upper row-major).
+// Calls f(i, j, flat index) over the vectorised triangle in its order, docs/math.md (7)-(8).
 template <typename F>
 inline void for_triangle(int64_t c, bool lower, F f) {
   int64_t idx = 0;
@@ -327,7 +312,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
                                          own_slot.mutable_data_ptr<scalar_t>() + c * c);
         }
 
-        // dY = sqrt(tr) sym(G_S), and <grad, out> on the way.
+        // dY_K = sqrt(tr) sym(G_S), docs/math.md (9), and <grad, out> on the way.
         const scalar_t* g = grad.const_data_ptr<scalar_t>() + b * tri;
         const scalar_t* o = out.const_data_ptr<scalar_t>() + b * tri;
         scalar_t* dy = dY.mutable_data_ptr<scalar_t>();
@@ -380,8 +365,14 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         const scalar_t* wb = w ? w + b * w_sb : nullptr;
         if (wb) std::fill(dw_acc.begin(), dw_acc.end(), 0.0);
         for (int64_t ci = 0; ci < c; ++ci) {
+          // The centring's own backward, docs/math.md (14): subtract the row mean of dXc. It is zero in exact
+          // arithmetic (Xc 1 = 0) but not in floating point when the features' mean is large against their
+          // spread, where leaving it out costs digits that autograd through the reference keeps.
+          double row_sum = 0;
+          for (int64_t ni = 0; ni < n; ++ni) row_sum += s2 * pp[ci * n + ni] - s2coef * xcp[ci * n + ni];
+          const scalar_t row_mean = static_cast<scalar_t>(row_sum / n);
           for (int64_t ni = 0; ni < n; ++ni) {
-            const scalar_t dxw = s2 * pp[ci * n + ni] - s2coef * xcp[ci * n + ni];
+            const scalar_t dxw = s2 * pp[ci * n + ni] - s2coef * xcp[ci * n + ni] - row_mean;
             scalar_t* dst = dxb + ci * dx.stride(1) + ni * dx.stride(2);
             if (wb) {
               *dst = dxw * wb[ni * w_sn];

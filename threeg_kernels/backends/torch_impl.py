@@ -4,9 +4,10 @@ Forward: the covariance and trace (docs/math.md (1)-(2)), the first step in its 
 baddbmm, the remaining steps (3) without the last Z, post-compensation and the packed triangle (6)-(8):
 3K - 3 batched C x C products (12 for K = 5).
 
-Backward: the triangle scatter (9), the symmetric reverse sweep (11) and its step 1 (12), whose every
-quantity stays symmetric so that M + M^T costs one product, then the trace and covariance steps
-(13)-(14): 6K - 8 products for K >= 2 (22 for K = 5) and one C x C x N product for dX_w (23).
+Backward: the triangle scatter, the plain reverse sweep (10) and step 1 exactly as autograd differentiates
+the forward's products, then the trace and covariance steps (13)-(14) with the centring's backward kept:
+6K - 6 products for K >= 2 (24 for K = 5) and one C x C x N product for dX_w. (The symmetric sweep (11)
+saves two products but assumes the float32 iterates commute exactly: its error grows geometrically with K.)
 
 Keep or recompute (21): with keep_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K,
 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so that each is written in place; with False the
@@ -43,9 +44,12 @@ def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
     return (iters - 1, 3, b, c, c)
 
 
-def _newton_schulz(A: torch.Tensor, iters: int, keep: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Returns Y_K and, if keep, the (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, each written in place."""
+def _newton_schulz(
+    A: torch.Tensor, iters: int, keep_iterates: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns Y_K and, if keep_iterates, the (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, each written in place."""
     b, c, _ = A.shape
+    keep = keep_iterates
     kept = A.new_empty(_iterates_shape(b, c, iters)) if keep else None
 
     def slot(k: int, j: int) -> Optional[torch.Tensor]:
@@ -62,9 +66,14 @@ def _newton_schulz(A: torch.Tensor, iters: int, keep: bool) -> tuple[torch.Tenso
     return Y, kept
 
 
+def _t(m: torch.Tensor) -> torch.Tensor:
+    """M^T of each matrix of a batch (a view)."""
+    return m.transpose(1, 2)
+
+
 def _sym2(m: torch.Tensor) -> torch.Tensor:
     """M + M^T."""
-    return m + m.transpose(1, 2)
+    return m + _t(m)
 
 
 @torch.library.custom_op("threeg::cov_pool_torch_forward", mutates_args=(), schema=FORWARD_SCHEMA)
@@ -103,31 +112,36 @@ def cov_pool_torch_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, n = x.shape
     if iterates.numel() == 0:
-        _, iterates = _newton_schulz(A, iters, keep=True)
-    dS = grad.new_zeros(b, c * c)
-    dS[:, _triangle_indices(c, order, x.device)] = grad * (0.5 * tr.sqrt())[:, None]
-    dY = _sym2(dS.view(b, c, c))  # sqrt(tr) sym(G_S)
+        _, iterates = _newton_schulz(A, iters, keep_iterates=True)
+    # The reverse sweep (10) exactly as autograd runs it through the forward's products (transposes and
+    # all): the symmetric sweep (11) assumes the float iterates commute, and loses accuracy geometrically
+    # with K where they do not.
+    dY = grad.new_zeros(b, c * c)
+    dY[:, _triangle_indices(c, order, x.device)] = grad * tr.sqrt()[:, None]
+    dY = dY.view(b, c, c)
     dZ = None
     for k in range(iters - 1, 0, -1):
         Yp, Zp, T = iterates[k - 1].unbind(0)
-        YdY = torch.bmm(Yp, dY)
-        if dZ is None:
-            dZ = torch.bmm(YdY, Yp).mul_(-0.5)
-            dY = _sym2(torch.bmm(dY, T)).add_(dY, alpha=-1.5)
-        else:
-            dY, dZ = (
-                torch.baddbmm(_sym2(torch.bmm(dY, T)).add_(dY, alpha=-1.5), torch.bmm(Zp, dZ), Zp, alpha=-0.5),
-                torch.baddbmm(_sym2(torch.bmm(T, dZ)).add_(dZ, alpha=-1.5), YdY, Yp, alpha=-0.5),
-            )
-    # step 1: Y_1 = A T_1, Z_1 = T_1, T_1 = 1.5 I - 0.5 A
-    T1 = torch.add(1.5 * _eye(c, A), A, alpha=-0.5)
-    dA = _sym2(torch.bmm(dY, T1)).add_(dY, alpha=-1.5)
+        dT = torch.bmm(_t(Yp), dY)
+        if dZ is not None:
+            dT.baddbmm_(dZ, _t(Zp))
+        dZ_next = torch.bmm(dT, _t(Yp)).mul_(-0.5)
+        if dZ is not None:
+            dZ_next.baddbmm_(_t(T), dZ)
+        dY = torch.baddbmm(torch.bmm(dY, _t(T)), _t(Zp), dT, alpha=-0.5)
+        dZ = dZ_next
+    # step 1 (5): Y_1 = 1.5 A - 0.5 A A, Z_1 = 1.5 I - 0.5 A
+    dA = torch.baddbmm(dY, dY, _t(A), beta=1.5, alpha=-0.5).baddbmm_(_t(A), dY, alpha=-0.5)
     if dZ is not None:
         dA.add_(dZ, alpha=-0.5)
+    # trace normalisation and post-compensation (13)
     coef = (dA * A).sum((1, 2)) - 0.5 * (grad * out).sum(1)
     dA.diagonal(dim1=1, dim2=2).sub_(coef[:, None])
+    # covariance (14): dXc = (dSigma + dSigma^T) Xc / N, then the centring's own backward (the row mean of
+    # dXc, zero only in exact arithmetic: it matters when the features' mean is large against their spread)
     xc = _centred(x, weight)
-    dxw = torch.bmm(dA, xc).mul_((2.0 / n) / tr[:, None, None])
+    dxw = torch.bmm(_sym2(dA), xc).mul_((1.0 / n) / tr[:, None, None])
+    dxw.sub_(dxw.mean(dim=2, keepdim=True))
     if weight is None:
         return dxw, x.new_empty(0)
     return dxw * weight.unsqueeze(1), (dxw * x).sum(1)
