@@ -1,6 +1,6 @@
 // Shared by the device files of the "ext" backend: the argument checks of both ops and small
-// helpers. Schemas: csrc/ops.cpp. Math: csrc/cpu/cov_pool_ext.cpp (spectral) and
-// csrc/cuda/cov_pool_ext.cu (Newton-Schulz iteration).
+// helpers. Schemas: csrc/ops.cpp. Math: docs/math.md, (15)-(20) for the CPU kernels (spectral route),
+// (1)-(14) for the CUDA kernels (Newton-Schulz iteration).
 #pragma once
 
 #include <ATen/core/Tensor.h>

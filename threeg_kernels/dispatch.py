@@ -17,7 +17,9 @@ from .backends import Loaded
 
 BACKENDS = ("reference", "torch", "triton", "ext")
 
-# Preference of backend="auto", fastest first, per device type. Measured: README.md, "Backends".
+# Preference of backend="auto", fastest first, per device type. CPU: measured (docs/benchmark.md, "Measurement
+# log"). CUDA: a fixed order chosen by design (fused Triton kernels, then the extension's cuBLAS products, then
+# batched ATen), pending measurement on a GPU: no GPU has run these backends yet.
 AUTO_ORDER = {
     "cpu": ("ext", "torch", "reference"),
     "cuda": ("triton", "ext", "torch", "reference"),
@@ -56,10 +58,29 @@ def unavailable_reason(name: str, device) -> Optional[str]:
     """None if backend `name` can run on `device`, else a sentence saying why not."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {name!r}")
+    device = torch.device(device)
+    missing = _device_missing(device)
+    if missing is not None:
+        return missing
     loaded, reason = _LOADED[name]
     if loaded is None:
         return f"backend {name!r} could not be loaded ({reason})"
-    return loaded.unavailable_on(torch.device(device))
+    return loaded.unavailable_on(device)
+
+
+def _device_missing(device: torch.device) -> Optional[str]:
+    """Why `device` does not exist in this process, or None (CPU and meta always exist)."""
+    if device.type in ("cpu", "meta"):
+        return None
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "is_available"):
+        return None  # a device type torch has no status for: let the backends decide
+    if not module.is_available():
+        return f"torch.{device.type}.is_available() is False"
+    count = module.device_count() if hasattr(module, "device_count") else None
+    if device.index is not None and count is not None and device.index >= count:
+        return f"there is no device {device} (torch.{device.type}.device_count() is {count})"
+    return None
 
 
 def available_backends(device=None) -> list[str]:
@@ -76,6 +97,7 @@ def resolve(backend: str, device: torch.device) -> Loaded:
     if backend == "auto":
         forced = os.environ.get("THREEG_BACKEND")
         if forced:
+            check_backend(forced, arg="the environment variable THREEG_BACKEND")
             backend = forced
         else:
             for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):

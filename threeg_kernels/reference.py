@@ -1,13 +1,13 @@
-"""The plain pure-PyTorch statement of the 3G pooling head (shared/SPEC.md section 1).
+"""The plain pure-PyTorch statement of the 3G pooling head: docs/math.md (1)-(8).
 
-Every stage is written as the formula reads and autograd differentiates it. This module is the
+Every stage is written as the equation reads and autograd differentiates it. This module is the
 yardstick that every backend is tested against; it is not meant to be fast.
 
 Shapes: x is (B, C, N), weight is (B, N) or None; the public API (`threeg_kernels.cov_pool`)
 canonicalises the user's shapes before calling :func:`cov_pool`.
 
 Dtypes: float32 and float64 are computed in their own dtype; float16 / bfloat16 are computed in
-float32 (SPEC section 3) and the result is cast back to the input dtype.
+float32 and the result is cast back to the input dtype.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ def _eye_like(m: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_covariance(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-7) -> torch.Tensor:
-    """Sigma = (1/N) X_w (I - 1 1^T / N) X_w^T + eps I, without building the N x N matrix.
-
-    The centring matrix is idempotent, so the product equals Xc Xc^T / N with Xc = X_w - mu 1^T.
-    """
+    """Sigma of docs/math.md (1), as Xc Xc^T / N + eps I: the N x N centring matrix is never built."""
     n = x.shape[-1]
     xw = x if weight is None else x * weight.unsqueeze(1)
     xc = xw - xw.mean(dim=-1, keepdim=True)
@@ -41,16 +38,14 @@ def weighted_covariance(x: torch.Tensor, weight: Optional[torch.Tensor] = None, 
 
 
 def trace_normalise(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (A, tr) with tr = trace(Sigma) of shape (B,) and A = Sigma / tr."""
+    """Returns (A, tr) of docs/math.md (2), tr of shape (B,)."""
     tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
     return sigma / tr[:, None, None], tr
 
 
 def newton_schulz(A: torch.Tensor, iters: int) -> torch.Tensor:
-    """Coupled Newton-Schulz: Y_0 = A, Z_0 = I; T = (3I - Z Y)/2, Y <- Y T, Z <- T Z. Returns Y_K.
-
-    The last Z update is never used, so it is not computed.
-    """
+    """Y_K of the coupled Newton-Schulz iteration, docs/math.md (3) as written (no first-step shortcut);
+    the last Z is never used, so it is not computed."""
     eye = _eye_like(A)
     Y, Z = A, eye.expand_as(A)
     for k in range(iters):
@@ -62,11 +57,7 @@ def newton_schulz(A: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def triangle_indices(c: int, order: str, device=None) -> torch.Tensor:
-    """Flat indices (into a row-major C x C matrix) of the vectorised triangle, in `order`.
-
-    '3g': lower triangle row by row (for i: for j <= i: S[i, j]);
-    'mpncov': upper triangle row by row (for i: for j >= i: S[i, j]).
-    """
+    """Flat indices (into a row-major C x C matrix) of the vectorised triangle in `order`: docs/math.md (7)-(8)."""
     if order == "3g":
         rows, cols = torch.tril_indices(c, c, device=device)
     elif order == "mpncov":
@@ -89,7 +80,7 @@ def cov_pool(
     eps: float = 1e-7,
     order: str = "3g",
 ) -> torch.Tensor:
-    """Reference 3G pooling: x (B, C, N), weight (B, N) or None -> (B, C(C+1)/2)."""
+    """Reference 3G pooling, docs/math.md (1)-(8): x (B, C, N), weight (B, N) or None -> (B, C(C+1)/2)."""
     dtype = compute_dtype(x.dtype)
     xf = x.to(dtype)
     wf = None if weight is None else weight.to(dtype)

@@ -1,23 +1,13 @@
 // CUDA kernels of the "ext" backend: threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward.
 //
-// On GPUs a batched eigendecomposition of 256 x 256 matrices is slow, so CUDA keeps the coupled
-// Newton-Schulz iteration (shared/SPEC.md): the C x C products are batched cuBLAS GEMMs (at::bmm), and
-// the elementwise work between them runs in the fused kernels below.
-//
-// Forward (Xc = X_w - mu 1^T):
-//     P = Xc Xc^T;  tr = trace(P) / N + C eps;  A = (P / N + eps I) / tr                 [centre, normalise]
-//     step 1:      Y_1 = 1.5 A - 0.5 A A,  Z_1 = 1.5 I - 0.5 A                            [ns_first]
-//     step k >= 2: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1} (epilogue on the product),           [ns_t]
-//                  Y_k = Y_{k-1} T_k,  Z_k = T_k Z_{k-1} (not for k = K)
-//     out = sqrt(tr) triangle(Y_K)                                                         [pack]
-// Backward: the symmetric reverse sweep of the torch backend (threeg_kernels/backends/torch_impl.py):
-//     dY_K = sqrt(tr) sym(G_S), dZ_K = 0                                                   [scatter]
-//     dY_{k-1} = M + M^T - 1.5 dY_k - 0.5 Z_{k-1} dZ_k Z_{k-1},  M = dY_k T_k               [combine]
-//     dZ_{k-1} = N + N^T - 1.5 dZ_k - 0.5 Y_{k-1} dY_k Y_{k-1},  N = T_k dZ_k               [combine]
-//     step 1:  dA = 1.5 dY_1 - 0.5 (M + M^T) - 0.5 dZ_1,  M = dY_1 A                        [combine]
-//     coef = <dA, A> - 0.5 <grad, out>                                                     [coef]
-//     dX_w = 2 (dA Xc - coef Xc) / (N tr),  dX = dX_w * w,  dw[n] = sum_c dX_w[c, n] X[c, n] [finish]
-// Saved state ("iterates", keep_iterates=True): (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, laid out
+// The coupled Newton-Schulz iteration with its symmetric reverse sweep, docs/math.md (1)-(14): matrix products
+// throughout, rather than the batched eigendecomposition of the CPU kernels' spectral route (a design choice,
+// not measured on a GPU). The C x C products are batched cuBLAS GEMMs (at::bmm); the elementwise work between
+// them runs in the fused kernels below:
+//   forward:  centre (1); normalise (1)-(2); ns_first (5); ns_t, the epilogue of Z_{k-1} Y_{k-1} (3); pack (6)-(8)
+//   backward: scatter (9); combine, the reverse steps (11) and step 1 (12) in its second form; coef, c of (13);
+//             finish (14)
+// Saved state when the iterates are kept, (21): (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, laid out
 // (K - 1, 3, B, C, C); empty: the backward re-runs the forward products from A.
 #include "../cov_pool_ext.h"
 
@@ -59,8 +49,8 @@ __device__ acc_t block_sum(acc_t v) {
   return v;  // valid in thread 0
 }
 
-// Flat index in `out` of entry (i, j) of the vectorised triangle ('3g': lower row-major, i >= j;
-// 'mpncov': upper row-major, i <= j).
+// Flat index in `out` of entry (i, j) of the vectorised triangle, docs/math.md (8) ('3g': i >= j;
+// 'mpncov': i <= j).
 __device__ __forceinline__ int64_t triangle_index(int64_t i, int64_t j, int64_t c, bool lower) {
   return lower ? i * (i + 1) / 2 + j : i * c - i * (i - 1) / 2 + (j - i);
 }
@@ -88,7 +78,8 @@ __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t xsb, int64
   for (int64_t n = lane; n < n_n; n += 32) out[n] -= mu;
 }
 
-// One block per sample: tr = trace(P) / N + C eps, then P <- (P / N + eps I) / tr in place (= A).
+// One block per sample, docs/math.md (1)-(2): tr = trace(P) / N + C eps, then P <- (P / N + eps I) / tr in
+// place (= A).
 template <typename scalar_t>
 __global__ void normalise_kernel(scalar_t* __restrict__ P, scalar_t* __restrict__ tr, int64_t c_n, int64_t n_n,
                                  double eps) {
@@ -109,7 +100,7 @@ __global__ void normalise_kernel(scalar_t* __restrict__ P, scalar_t* __restrict_
   }
 }
 
-// Step 1: Y_1 = 1.5 A - 0.5 AA, Z_1 = 1.5 I - 0.5 A (Z only when needed).
+// Step 1, docs/math.md (5): Y_1 from A and AA, and Z_1 (only when K > 1).
 template <typename scalar_t>
 __global__ void ns_first_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ AA,
                                 scalar_t* __restrict__ Y, scalar_t* __restrict__ Z, int64_t c_n, int64_t total) {
@@ -121,7 +112,7 @@ __global__ void ns_first_kernel(const scalar_t* __restrict__ A, const scalar_t* 
   }
 }
 
-// The epilogue of Z Y: T = 1.5 I - 0.5 (Z Y), in place.
+// The epilogue of Z Y: T of docs/math.md (3), in place.
 template <typename scalar_t>
 __global__ void ns_t_kernel(scalar_t* __restrict__ T, int64_t c_n, int64_t total) {
   GRID_STRIDE(e, total) {
@@ -141,7 +132,8 @@ __global__ void pack_kernel(const scalar_t* __restrict__ Y, const scalar_t* __re
   }
 }
 
-// dY[b, i, j] = sqrt(tr_b) sym(G_S): the triangle entry of (i, j) or (j, i), halved off the diagonal.
+// dY[b, i, j] = sqrt(tr_b) sym(G_S), docs/math.md (9): the triangle entry of (i, j) or (j, i), halved off the
+// diagonal.
 template <typename scalar_t>
 __global__ void scatter_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ tr,
                                scalar_t* __restrict__ dY, int64_t c_n, bool lower, int64_t total) {
@@ -169,7 +161,7 @@ __global__ void combine_kernel(const scalar_t* __restrict__ M, scalar_t s, const
   }
 }
 
-// One block per sample: coef_b = <dA, A> - 0.5 <grad, out>.
+// One block per sample: coef_b = c of docs/math.md (13).
 template <typename scalar_t>
 __global__ void coef_kernel(const scalar_t* __restrict__ dA, const scalar_t* __restrict__ A,
                             const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
@@ -182,8 +174,8 @@ __global__ void coef_kernel(const scalar_t* __restrict__ dA, const scalar_t* __r
   if (threadIdx.x == 0) coef[b] = v;
 }
 
-// One thread per (b, n), looping over c (neighbouring threads read neighbouring n):
-// dX_w = 2 (P - coef Xc) / (N tr), dx = dX_w * w, dw[n] = sum_c dX_w x.
+// One thread per (b, n), looping over c (neighbouring threads read neighbouring n): docs/math.md (14) with
+// P = dA Xc.
 template <typename scalar_t>
 __global__ void finish_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ xc,
                               const scalar_t* __restrict__ coef, const scalar_t* __restrict__ tr,
@@ -330,7 +322,7 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_in, const Tensor& x,
       dY = dY_next;
       dZ = dZ_next;
     }
-    // Step 1 (Y_1 = A T_1, Z_1 = T_1, T_1 = 1.5 I - 0.5 A): M = dY_1 A.
+    // Step 1, docs/math.md (12), second form: M = dY_1 A.
     Tensor dA = at::empty_like(A);
     combine(at::bmm(dY, A), -0.5, dY, 1.5, dZ, -0.5, dA);
 

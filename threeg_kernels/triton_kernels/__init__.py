@@ -1,12 +1,10 @@
-"""Triton kernels of the 3G pooling head, one module per op (shared/SPEC.md sections 1-3).
+"""Triton kernels of the 3G pooling head, one module per op; the equations are those of docs/math.md.
 
-    covariance.py     Sigma = Xc Xc^T / N + eps I (weights, centring, eps fused; upper tiles, mirrored)
-                      and its backward dX_w = 2 dSigma Xc / N with dX = dX_w w, dw = sum_c dX_w X.
-    newton_schulz.py  the coupled iteration (trace normalisation folded into step 1, T = 1.5 I - 0.5 Z Y
-                      in the epilogue of its product, T Y and T Z in one launch, no Z in the last step,
-                      triangle pack fused into the last step) and its symmetric reverse sweep.
-    triangle.py       packed-triangle indexing for either order, the pack epilogue with sqrt(tr),
-                      and the backward scatter into a symmetric C x C gradient.
+    covariance.py     the weighted covariance (1) and its backward (13)-(14).
+    newton_schulz.py  trace normalisation (2) and the iteration (3)-(6), fused; the symmetric reverse
+                      sweep (11)-(12).
+    triangle.py       the packed triangle (7)-(8), packed in the last product's epilogue, and its
+                      backward scatter (9).
     _tiles.py         tile helpers shared by the three (masked loads, the matmul in each precision mode,
                       the mirrored store of a symmetric tile) and the default launch settings.
     head.py           the whole head as kernel launches, forward and backward, for one launch config.

@@ -1,23 +1,17 @@
-"""Weighted covariance of the pooling head, forward and backward (shared/SPEC.md sections 1.1 and 2).
+"""Weighted covariance of the pooling head, forward and backward: docs/math.md (1), (13)-(14).
 
-Forward, per sample (x: C x N, w: N or none):
-    X_w = X diag(w),  mu = X_w 1 / N,  Xc = X_w - mu 1^T
-    Sigma = Xc Xc^T / N + eps I
-The weights, the centring and eps are applied to the tiles as they are loaded and stored: no X_w, Xc
-or N x N centring matrix is ever written. x and w are read once per output tile: each chunk of
-BLOCK_N columns is centred on its own means, and the chunks are merged with Chan's update
+Forward: Sigma of (1). The weights, the centring and eps are applied to the tiles as they are loaded
+and stored: no X_w, Xc or N x N matrix is written. x and w are read once per output tile: each chunk of
+BLOCK_N columns is centred on its own means, and the chunks are merged with Chan's pairwise update
     M <- M + M_chunk + n_prev n_c / (n_prev + n_c) d_i d_j^T,   d = chunk mean - running mean,
-which, unlike the one-pass form X_w X_w^T / N - mu mu^T, does not cancel when |mu| >> std (measured
-under the interpreter, Sigma against float64: 2.6e-7 relative at x ~ 1e4 + N(0, 1), 1.8e-7 at N(0, 1)).
-Sigma is symmetric: only the tiles i <= j are computed, each is stored with its mirror. The trace is
-not taken here: the first Newton-Schulz step reads the diagonal of Sigma (newton_schulz.py).
+which does not cancel when |mu| >> std (measured under the interpreter, Sigma against float64:
+2.6e-7 relative at x ~ 1e4 + N(0, 1), 1.8e-7 at N(0, 1)). Sigma is symmetric: only the tiles i <= j are
+computed, each stored with its mirror. The trace is taken by the first Newton-Schulz step
+(newton_schulz.py).
 
-Backward, given dA = dL/dA (symmetric) and c = <dA, A> - 0.5 <dL/dout, out> (the trace terms):
-    dSigma = (dA - c I) / tr
-    dX_w = (dSigma + dSigma^T) Xc / N = 2 (dA Xc - c Xc) / (N tr)   (Xc 1 = 0 removes the mu term)
-    dX = dX_w diag(w),  dw[n] = sum_c dX_w[c, n] X[c, n]
-One program owns a panel of columns n for all C rows, so the sum over c of dw is done in registers.
-c arrives as two rows of partial sums (from newton_schulz.py and triangle.py) that are summed here.
+Backward: dX_w of (14) with the trace term of (13) folded in, then dX and dw. The coefficient c of (13)
+arrives as two rows of partial sums (from newton_schulz.py and triangle.py) that are summed here. One
+program owns a panel of columns n for all C rows, so the sum over c of dw is done in registers.
 """
 
 from __future__ import annotations
@@ -89,9 +83,7 @@ def covariance_forward_kernel(
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     dt = x_ptr.dtype.element_ty
-    # One pass over N (Chan's pairwise update): each BLOCK_N chunk is centred on its own row means and
-    # multiplied; the running sum M = sum (x_i - mean_i)(x_j - mean_j) is moved to the merged means
-    # by the rank-1 term n_prev n_c / (n_prev + n_c) d_i d_j^T, d = chunk mean - running mean.
+    # One pass over N: chunks centred on their own means, merged by Chan's update (module docstring).
     mean_i = tl.zeros((BLOCK,), dtype=dt)
     mean_j = tl.zeros((BLOCK,), dtype=dt)
     seen = tl.sum(tl.zeros((BLOCK_N,), dtype=dt), 0)  # columns merged so far (a scalar)

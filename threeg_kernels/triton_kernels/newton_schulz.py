@@ -1,30 +1,23 @@
-"""Coupled Newton-Schulz iteration of the pooling head, forward and reverse sweep (SPEC sections 1.2-1.4, 2).
+"""Trace normalisation and coupled Newton-Schulz iteration, forward and reverse sweep: docs/math.md (2)-(6),
+(11)-(12), (21).
 
-Forward, from Sigma (B, C, C), K = iters:
-    step 1:      tr = trace(Sigma), A = Sigma / tr, T_1 = 1.5 I - 0.5 A,
-                 Y_1 = A T_1 = 1.5 A - 0.5 A A,  Z_1 = T_1                    (one product, of Sigma)
-    step k >= 2: T_k = 1.5 I - 0.5 Z_{k-1} Y_{k-1}                            (one product)
-                 Y_k = T_k Y_{k-1},  Z_k = T_k Z_{k-1} (not for k = K)        (one launch, T_k read once)
-    out = triangle(sqrt(tr) Y_K)                                              (epilogue of the last product)
-3K - 3 products in all (12 for K = 5). Every iterate is a polynomial in A, hence symmetric, and they
-commute (so T Y = Y T): every product computes the tiles i <= j only and stores each with its mirror.
-The trace normalisation is folded into step 1 (the kernel reads the diagonal of Sigma and scales in
-registers), T = 1.5 I - 0.5 Z Y is the epilogue of its product, and the last step writes the packed
-triangle with sqrt(tr) applied (triangle.py) instead of Y_K.
+Forward, from Sigma (B, C, C): 3K - 3 products, each computing the tiles i <= j only and storing each
+with its mirror (every product of iterates is symmetric, (4)).
+    ns_first_step_kernel  (2) and step 1 of (5): reads the diagonal of Sigma for tr and scales in
+                          registers; one product, A A. For K = 1 it writes the packed output.
+    ns_t_kernel           T_k of (3), the affine map as the epilogue of the product Z_{k-1} Y_{k-1}.
+    ns_step_kernel        Y_k and Z_k in one launch, each tile of T_k loaded once; the last step skips Z_K
+                          (5) and writes the packed triangle of sqrt(tr) Y_K, (6)-(8) (triangle.py).
+Kept iterates, (21): slot k-2 of a (K-1, 3, B, C, C) buffer holds (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K; the
+forward writes them there directly, so keeping costs memory and no extra traffic. Otherwise the forward
+ping-pongs between two slots and the backward recomputes the buffer from A (3K - 4 products).
 
-Kept iterates (save_iterates=True): slot k-2 of a (K-1, 3, B, C, C) buffer holds (Y_{k-1}, Z_{k-1}, T_k)
-for k = 2..K; the forward writes them there directly, so keeping costs memory and no extra traffic.
-Otherwise the forward ping-pongs between two slots and the backward recomputes the buffer from A
-(3K - 4 symmetric products: all but the last).
-
-Backward (the symmetric reverse sweep; derivation in threeg_kernels/backends/torch_impl.py):
-    dY_K = sqrt(tr) sym(G_S) (triangle.py), dZ_K = 0; for k = K..2, with U = Z_{k-1} dZ_k, V = Y_{k-1} dY_k:
-        dY_{k-1} = dY_k T_k + T_k dY_k - 1.5 dY_k - 0.5 U Z_{k-1}
-        dZ_{k-1} = T_k dZ_k + dZ_k T_k - 1.5 dZ_k - 0.5 V Y_{k-1}
-    (dY T + T dY is (dY T) + (dY T)^T; U Z = Z dZ Z and V Y = Y dY Y are symmetric; U, V are not and
-    are full products in their own launch.) Step 1, with T_1 = 1.5 I - 0.5 A:
-        dA = 1.5 dY_1 - 0.5 (dY_1 A + A dY_1) - 0.5 dZ_1
-    and the same kernel leaves the row sums of dA * A for the trace stage (covariance.py).
+Backward: the symmetric reverse sweep (11) from dY_K of (9) (triangle.py), then step 1 (12).
+    ns_backward_left_kernel        U = Z_{k-1} dZ_k and V = Y_{k-1} dY_k: not symmetric, every tile.
+    ns_backward_step_kernel        (11): dY T + T dY and T dZ + dZ T as two symmetric tile products each,
+                                   U Z and V Y symmetric; 6 tile products into 2 outputs.
+    ns_backward_first_step_kernel  (12) in its second form, and the row sums of dA o A for c of (13)
+                                   (covariance.py).
 Products: 2 full + 6 symmetric per reverse step k < K, 1 + 3 at k = K, 2 symmetric for step 1.
 """
 

@@ -1,17 +1,12 @@
-"""The vectorised triangle of S = sqrt(tr) Y_K, forward (pack) and backward (scatter), in either order.
+"""The vectorised triangle of S = sqrt(tr) Y_K, forward (pack) and backward (scatter): docs/math.md (6)-(9).
 
-Forward: out[p(r, c)] = sqrt(tr) Y_K[r, c] for r <= c, where for the symmetric Y_K
-    '3g' order (lower triangle row by row, S[c, r]):      p(r, c) = c (c + 1) / 2 + r
-    'mpncov' order (upper triangle row by row, S[r, c]):  p(r, c) = r C - r (r - 1) / 2 + (c - r)
-The pack is an epilogue (`store_packed`) of the last Newton-Schulz product (newton_schulz.py): Y_K is
-never written as a C x C matrix, and the sqrt(tr) post-compensation is one multiply in registers.
+Forward: `store_packed` writes the entries r <= c of a tile of the symmetric Y_K, times sqrt(tr), to
+their places p of (8) ('3g': p(c, r); 'mpncov': p(r, c)). It is the epilogue of the last Newton-Schulz
+product (newton_schulz.py): Y_K is never written as a C x C matrix.
 
-Backward: with G_S the C x C matrix holding dL/dout at the packed places (zero elsewhere), only its
-symmetric part matters (every later stage is transpose-equivariant), so the reverse sweep starts from
-    dY_K = sqrt(tr) (G_S + G_S^T),  i.e.  dY_K[r, c] = dY_K[c, r] = sqrt(tr) g_p(r,c) (r == c) or
-                                                          sqrt(tr) g_p(r,c) / 2 (r != c),
-a symmetric matrix written tile and mirror. The trace stage also needs <G_S, sqrt(tr) Y_K> =
-<dL/dout, out>: the same kernel reads out and leaves one partial sum per tile.
+Backward: `triangle_backward_kernel` writes dY_K = sqrt(tr) sym(G_S) of (9), tile and mirror: the
+diagonal gets sqrt(tr) g_p, an off-diagonal pair sqrt(tr) g_p / 2 each. The same kernel reads out and
+leaves one partial sum of <dL/dout, out> per tile, for c of (13).
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from ._tiles import LaunchConfig, store_symmetric_tile
 
 @triton.jit
 def packed_index(r, c, C, LOWER: tl.constexpr):
-    """Place in the packed vector of the entry (r, c), r <= c, of a symmetric C x C matrix."""
+    """Place in the packed vector of the entry (r, c), r <= c, of a symmetric C x C matrix: docs/math.md (8)."""
     if LOWER:
         return (c * (c + 1)) // 2 + r
     else:
@@ -46,7 +41,7 @@ def triangle_backward_kernel(
     grad_ptr,  # (B, C(C+1)/2) float32/float64, any strides: dL/dout
     out_ptr,  # (B, C(C+1)/2) same dtype, any strides: the forward's output
     tr_ptr,  # (B,) trace of Sigma
-    dY_ptr,  # (B, C, C) same dtype, written: dY_K = sqrt(tr) (G_S + G_S^T)
+    dY_ptr,  # (B, C, C) same dtype, written: dY_K = sqrt(tr) sym(G_S)
     parts_ptr,  # (B, T*T) contiguous zeros, written at tiles i <= j: partial sums of <dL/dout, out>
     C, T,  # channels, tiles per side
     s_gb, s_gp, s_ob, s_op,  # strides of grad and out
