@@ -42,6 +42,9 @@ inline void check_pool_inputs(const char* op, const at::Tensor& x, const std::op
   }
 }
 
+// The supported Newton-Schulz step counts (threeg_kernels/_validate.py MAX_ITERS; docs/math.md).
+constexpr int64_t kMaxIters = 20;
+
 // The triangle order of the op contract ('3g' or 'mpncov'); returns true for '3g' (the lower triangle).
 inline bool is_lower_order(const char* op, c10::string_view order) {
   TORCH_CHECK(order == "3g" || order == "mpncov", op, ": order must be '3g' or 'mpncov'; got '", order, "'");
@@ -57,7 +60,7 @@ inline void check_precision(const char* op, c10::string_view precision) {
 inline void check_forward_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                int64_t iters, double eps, c10::string_view precision, c10::DeviceType device) {
   check_pool_inputs(op, x, weight, device);
-  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1; got ", iters);
+  TORCH_CHECK(iters >= 1 && iters <= kMaxIters, op, ": iters must be in [1, ", kMaxIters, "]; got ", iters);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0; got ", eps);
   check_precision(op, precision);
 }
@@ -76,7 +79,7 @@ inline void check_backward_args(const char* op, const at::Tensor& grad, const at
                                 const at::Tensor& tr, const at::Tensor& iterates, at::IntArrayRef iterates_shape,
                                 int64_t iters, c10::string_view precision, c10::DeviceType device) {
   check_pool_inputs(op, x, weight, device);
-  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1; got ", iters);
+  TORCH_CHECK(iters >= 1 && iters <= kMaxIters, op, ": iters must be in [1, ", kMaxIters, "]; got ", iters);
   check_precision(op, precision);
   const int64_t b = x.size(0), c = x.size(1);
   check_shape(op, "grad", grad, {b, triangle_size(c)}, x);

@@ -28,6 +28,9 @@ from typing import Callable, Mapping, Union
 
 import torch
 
+from ._validate import MAX_ITERS
+from .reference import ORDERS
+
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor? weight, int iters, float eps, str order, bool keep_iterates, str precision)"
     " -> (Tensor out, Tensor A, Tensor tr, Tensor iterates)"
@@ -38,6 +41,17 @@ BACKWARD_SCHEMA = (
 )
 
 IteratesShape = Callable[[int, int, int], tuple[int, ...]]
+
+
+def check_op_args(op: str, iters: int, order: str, precision: str, precisions: tuple[str, ...] = ("ieee",)) -> None:
+    """The checks every op body runs on its scalar arguments (the C++ ops run the same in csrc/cov_pool_ext.h):
+    `cov_pool` has checked them already, but the ops are public (torch.ops.threeg.*) and may be called directly."""
+    if not 1 <= iters <= MAX_ITERS:
+        raise ValueError(f"{op}: iters must be in [1, {MAX_ITERS}]; got {iters}")
+    if order not in ORDERS:
+        raise ValueError(f"{op}: order must be one of {ORDERS}; got {order!r}")
+    if precision not in precisions:
+        raise ValueError(f"{op}: precision must be one of {precisions}; got {precision!r}")
 
 
 def _signature(schema: torch._C.FunctionSchema) -> tuple:

@@ -61,11 +61,20 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return x3, weight.reshape(b, n)
 
 
+# The supported Newton-Schulz step counts, docs/math.md ("How many steps"): in float32 the coupled iteration
+# loses accuracy geometrically beyond ~20 steps on rank-deficient covariances (NaN by ~26-30), on every
+# backend that runs it; 3G-Net uses 5, iSQRT-COV 3-5.
+MAX_ITERS = 20
+
+
 def check_options(iters, eps, order) -> None:
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
-        raise TypeError(f"iters must be an int >= 1; got {iters!r} ({type(iters).__name__})")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1; got {iters}")
+    if isinstance(iters, bool) or not isinstance(iters, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"iters must be an int in [1, {MAX_ITERS}]; got {iters!r} ({type(iters).__name__})")
+    if not 1 <= iters <= MAX_ITERS:
+        raise ValueError(
+            f"iters must be in [1, {MAX_ITERS}] (beyond that float32 Newton-Schulz loses accuracy on "
+            f"rank-deficient covariances; docs/math.md); got {iters}"
+        )
     if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"eps must be a real number >= 0; got {eps!r} ({type(eps).__name__})")
     if not 0 <= eps < math.inf:  # comparisons, not math.isfinite: eps may be symbolic under torch.compile

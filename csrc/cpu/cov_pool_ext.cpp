@@ -193,6 +193,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   const char* op = "threeg::cov_pool_ext_forward";
   check_forward_args(op, x, weight, iters, eps, precision, c10::kCPU);
   const bool lower = is_lower_order(op, order);
+  // float32 eigenvectors' errors grow with the slope of the K-step polynomial (~1.5^K at small eigenvalues):
+  // past 5 steps the spectral route is less accurate than the iteration it stands for (docs/math.md, "How
+  // many steps"); the ext backend's Python layer runs the iteration there (threeg_kernels/backends/ext_impl.py).
+  TORCH_CHECK(x.scalar_type() != at::kFloat || iters <= 5, op,
+              ": float32 on CPU is supported for iters <= 5 (the spectral route's float32 error grows with K); "
+              "got iters = ", iters, ". cov_pool(backend='ext') runs the iteration for larger K.");
   const int64_t b_n = x.size(0), c = x.size(1), n = x.size(2);
   const bool weighted = weight.has_value() && weight->defined();
   Tensor out = at::empty({b_n, triangle_size(c)}, x.options());

@@ -18,7 +18,7 @@ import importlib.util
 import torch
 
 from .._registration import register_pool_op
-from . import Loaded
+from . import Loaded, torch_impl
 
 if importlib.util.find_spec("threeg_kernels._C") is None:
     raise ImportError(
@@ -37,7 +37,17 @@ register_pool_op(
 )
 
 
+# The spectral route (CPU) computes the K-step polynomial of A from float32 eigenvectors, whose errors the
+# polynomial's slope at small eigenvalues (~1.5^K) amplifies: on ill-conditioned covariances its float32
+# error passes 10x the iteration's from K = 6 on (docs/math.md, "How many steps"; tests/test_accuracy.py).
+# Beyond this many steps, float32 on CPU runs the iteration (the torch backend's op); csrc/cpu checks the same
+# limit when the op is called directly.
+SPECTRAL_MAX_ITERS_FLOAT32 = 5
+
+
 def pool(x, weight, iters, eps, order, precision, keep_iterates):
+    if x.device.type == "cpu" and x.dtype == torch.float32 and iters > SPECTRAL_MAX_ITERS_FLOAT32:
+        return torch_impl.pool(x, weight, iters, eps, order, precision, keep_iterates)
     return torch.ops.threeg.cov_pool_ext_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
 
 

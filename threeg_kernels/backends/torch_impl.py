@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pool_op
+from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, check_op_args, register_pool_op
 from . import Loaded
 
 
@@ -44,9 +44,7 @@ def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
     return (iters - 1, 3, b, c, c)
 
 
-def _newton_schulz(
-    A: torch.Tensor, iters: int, keep_iterates: bool
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _newton_schulz(A: torch.Tensor, iters: int, keep_iterates: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns Y_K and, if keep_iterates, the (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, each written in place."""
     b, c, _ = A.shape
     keep = keep_iterates
@@ -86,6 +84,7 @@ def cov_pool_torch_forward(
     keep_iterates: bool,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_op_args("threeg::cov_pool_torch_forward", iters, order, precision)
     b, c, n = x.shape
     xc = _centred(x, weight)
     sigma = torch.baddbmm(eps * _eye(c, x), xc, xc.transpose(1, 2), alpha=1.0 / n)
@@ -110,6 +109,7 @@ def cov_pool_torch_backward(
     order: str,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_op_args("threeg::cov_pool_torch_backward", iters, order, precision)
     b, c, n = x.shape
     if iterates.numel() == 0:
         _, iterates = _newton_schulz(A, iters, keep_iterates=True)

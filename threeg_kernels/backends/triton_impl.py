@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pool_op
+from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, check_op_args, register_pool_op
 from ..triton_kernels import tuning
 from ..triton_kernels._tiles import INTERPRET, PRECISIONS
 from ..triton_kernels.head import head_backward, head_forward
@@ -59,6 +59,7 @@ def cov_pool_triton_forward(
     keep_iterates: bool,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_op_args("threeg::cov_pool_triton_forward", iters, order, precision, PRECISIONS)
     with _on_device(x):
         cfg = config_for(x, weight, iters, precision)
         return head_forward(x, weight, iters, eps, order == "3g", keep_iterates, cfg)
@@ -77,6 +78,7 @@ def cov_pool_triton_backward(
     order: str,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_op_args("threeg::cov_pool_triton_backward", iters, order, precision, PRECISIONS)
     with _on_device(x):
         cfg = config_for(x, weight, iters, precision)
         return head_backward(grad, x, weight, out, A, tr, iterates, iters, order == "3g", cfg)
