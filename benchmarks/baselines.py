@@ -1,6 +1,6 @@
 """The baselines the benchmark puts next to the backends: what users would otherwise run.
 
-Each is written here from the published method (shared/SPEC.md; the iSQRT-COV paper, Li et al.,
+Each is written here from the published method (docs/math.md; the iSQRT-COV paper, Li et al.,
 CVPR 2018; the 3G-Net paper, Wang et al., CVPR 2019), as a re-statement: no upstream code is copied.
 All take x (B, C, N), weight (B, N) and K, apply the weight first (3G-Net does it in its last
 re-weighting block) and return the (B, C(C+1)/2) triangle in the order they were made with.
@@ -45,9 +45,20 @@ class Method:
     order: str  # the triangle order it returns: the reference it is checked against uses the same
     exact: bool = False  # True: computes the exact square root, not the K-step iteration
     description: str = ""
+    precision: Optional[str] = None  # backends: cov_pool's precision; None for baselines
+    iterates: Optional[str] = None  # backends: 'default', 'keep' or 'recompute' (cov_pool's keep_iterates)
+
+    @property
+    def label(self) -> str:
+        return label(self.name, self.precision, self.iterates)
 
 
-EPS = 1e-7  # SPEC section 1 default, used by every backend and every baseline written here
+def label(name: str, precision: Optional[str], iterates: Optional[str]) -> str:
+    """'triton tf32 recompute': the name, then the precision and iterates setting when not the defaults."""
+    return " ".join([name] + [s for s in (precision, iterates) if s not in (None, "ieee", "default")])
+
+
+EPS = 1e-7  # cov_pool's default eps, used by every backend and every baseline written here
 
 
 def _weighted(x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -179,14 +190,34 @@ def compile_ref(x, weight, iters, eps=EPS, order="3g"):
 
 
 BASELINES = {
-    "isqrt-style": Method("isqrt-style", "baseline", isqrt_style, EPS, "3g",
-                          description="N x N centring, all Y_k/Z_k kept, hand-written plain reverse sweep"),
-    "autograd-style": Method("autograd-style", "baseline", autograd_style, EPS, "3g",
-                             description="plain formulas + autograd, per-sample triangle loop"),
-    "eigh": Method("eigh", "baseline", eigh_sqrt, EPS, "3g", exact=True,
-                   description="exact sqrt via torch.linalg.eigh (a different function)"),
-    "compile-ref": Method("compile-ref", "baseline", compile_ref, EPS, "3g",
-                          description="torch.compile(reference.cov_pool, dynamic=True)"),
+    "isqrt-style": Method(
+        "isqrt-style",
+        "baseline",
+        isqrt_style,
+        EPS,
+        "3g",
+        description="N x N centring, all Y_k/Z_k kept, hand-written plain reverse sweep",
+    ),
+    "autograd-style": Method(
+        "autograd-style",
+        "baseline",
+        autograd_style,
+        EPS,
+        "3g",
+        description="plain formulas + autograd, per-sample triangle loop",
+    ),
+    "eigh": Method(
+        "eigh",
+        "baseline",
+        eigh_sqrt,
+        EPS,
+        "3g",
+        exact=True,
+        description="exact sqrt via torch.linalg.eigh (a different function)",
+    ),
+    "compile-ref": Method(
+        "compile-ref", "baseline", compile_ref, EPS, "3g", description="torch.compile(reference.cov_pool, dynamic=True)"
+    ),
 }
 
 
@@ -219,7 +250,7 @@ def _import_upstream(name: str, path) -> object:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - whatever their file raises, say where it came from
+    except Exception as exc:
         raise UpstreamImportError(f"{flag}: importing {file} failed: {type(exc).__name__}: {exc}") from exc
     missing = [s for s in symbols if not callable(getattr(module, s, None))]
     if missing:
@@ -236,7 +267,7 @@ def upstream_3g(path) -> Method:
         xw = _weighted(x, weight).reshape(b, c, n, 1)
         return mod.triu_forward(mod.sqrt_forward(mod.cov_forward(xw), iters)).reshape(b, -1)
 
-    # 3G-Net adds 1e-7 I to Sigma and gathers the lower triangle row by row (SPEC's '3g' order).
+    # 3G-Net adds 1e-7 I to Sigma and gathers the lower triangle row by row (order '3g').
     return Method("upstream-3g", "baseline", fn, 1e-7, "3g", description=f"3G-Net code from {path}")
 
 
@@ -246,9 +277,7 @@ def upstream_mpncov(path) -> Method:
     params = inspect.signature(mod.MPNCOV).parameters
     wanted = ("iterNum", "is_sqrt", "is_vec", "input_dim", "dimension_reduction")
     if not all(p in params for p in wanted):
-        raise UpstreamImportError(
-            f"--upstream-mpncov: MPNCOV{inspect.signature(mod.MPNCOV)} lacks some of {wanted}"
-        )
+        raise UpstreamImportError(f"--upstream-mpncov: MPNCOV{inspect.signature(mod.MPNCOV)} lacks some of {wanted}")
     layers = {}
 
     def fn(x, weight, iters):
@@ -259,5 +288,5 @@ def upstream_mpncov(path) -> Method:
             layers[key] = layer.to(device=x.device, dtype=x.dtype)
         return layers[key](_weighted(x, weight).reshape(b, c, n, 1)).reshape(b, -1)
 
-    # iSQRT-COV adds no eps and returns the upper triangle row by row (SPEC's 'mpncov' order).
+    # iSQRT-COV adds no eps and returns the upper triangle row by row (order 'mpncov').
     return Method("upstream-mpncov", "baseline", fn, 0.0, "mpncov", description=f"fast-MPN-COV code from {path}")

@@ -19,12 +19,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import functools
 
 import torch
 
 import threeg_kernels
-from benchmarks.timing import add_shape_args, fwd_bwd, make_inputs, percentiles, time_ms
+from benchmarks.common import (
+    add_shape_args,
+    device_name,
+    fmt_quantiles,
+    fwd_bwd,
+    interleaved_ms,
+    make_inputs,
+    markdown_table,
+    percentiles,
+    rel_err,
+)
 
 
 def spectral_aten(x, weight, grad, iters, eps=1e-7):
@@ -72,27 +82,13 @@ def triangle_blocked_bmm(a, b, tile=64):
     return out
 
 
-def interleaved_ms(fns: dict, rounds: int) -> dict:
-    """{name: [ms per round]} with one warm-up call each, then `rounds` rounds over all fns in turn."""
-    cpu = torch.device("cpu")
-    for fn in fns.values():
-        fn()
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name] += time_ms(fn, cpu, warmup=0, repeats=1)
-    return samples
-
-
 def table(samples: dict, baselines=("reference", "torch")) -> str:
+    """fwd+bwd p20 / p50 / p80 of each entry, and its p50 speed-up over each of `baselines` present."""
     med = {name: percentiles(s)[1] for name, s in samples.items()}
-    head = "| backend | fwd+bwd ms p20 / p50 / p80 | " + " | ".join(f"speed-up vs {b}" for b in baselines if b in med) + " |"
-    lines = [head, "|---" * (2 + sum(b in med for b in baselines)) + "|"]
-    for name, s in samples.items():
-        p20, p50, p80 = percentiles(s)
-        ups = " | ".join(f"{med[b] / p50:.2f}x" for b in baselines if b in med)
-        lines.append(f"| {name} | {p20:.1f} / {p50:.1f} / {p80:.1f} | {ups} |")
-    return "\n".join(lines)
+    baselines = [b for b in baselines if b in med]
+    head = ["backend", "fwd+bwd ms p20 / p50 / p80"] + [f"speed-up vs {b}" for b in baselines]
+    rows = [[name, fmt_quantiles(s)] + [f"{med[b] / med[name]:.2f}x" for b in baselines] for name, s in samples.items()]
+    return markdown_table(head, rows)
 
 
 def main(argv=None) -> None:
@@ -107,36 +103,32 @@ def main(argv=None) -> None:
 
     x, weight, grad = make_inputs(args.B, args.C, args.N, torch.float32, "cpu")
     backends = [b for b in ("reference", "torch", "ext") if b in threeg_kernels.available_backends("cpu")]
-    fns = {b: (lambda b=b: fwd_bwd(b, x, weight, grad, args.iters)) for b in backends}
+    fns = {b: functools.partial(fwd_bwd, b, x, weight, grad, args.iters) for b in backends}
 
     print(
         f"cov_pool fwd+bwd (with weight), B={args.B} C={args.C} N={args.N} K={args.iters}, float32, CPU "
-        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"({device_name('cpu')}), torch {torch.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} interleaved rounds\n"
     )
-    print(table(interleaved_ms(fns, args.rounds)))
+    print(table(interleaved_ms(fns, "cpu", args.rounds)))
     if args.tricks:
         tricks(x, weight, grad, args)
 
 
 def tricks(x, weight, grad, args) -> None:
-    from threeg_kernels.backends import ext_impl
-
     want = fwd_bwd("ext", x, weight, grad, args.iters)
     got = spectral_aten(x, weight, grad, args.iters)
-    err = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got[1:], want))
+    err = max(rel_err(g, w) for g, w in zip(got[1:], want[1:]))
     print(f"\nspectral_aten (unfused batched ATen) agrees with ext: max rel err of dx, dw {err:.1e}")
 
     threads = torch.get_num_threads()
 
-    def ext_with(save: bool, nthreads: int):
+    def ext_with(keep: bool, nthreads: int):
         def run():
-            ext_impl.SAVE_ITERATES, old = save, ext_impl.SAVE_ITERATES
             torch.set_num_threads(nthreads)
             try:
-                fwd_bwd("ext", x, weight, grad, args.iters)
+                fwd_bwd("ext", x, weight, grad, args.iters, keep_iterates=keep)
             finally:
-                ext_impl.SAVE_ITERATES = old
                 torch.set_num_threads(threads)
 
         return run
@@ -154,7 +146,7 @@ def tricks(x, weight, grad, args) -> None:
         "one triangle-blocked C^3 bmm": lambda: triangle_blocked_bmm(a, a),
     }
     print(f"\ntricks, {args.rounds} interleaved rounds (ms, p20 / p50 / p80):\n")
-    print(table(interleaved_ms(fns, args.rounds), baselines=("ext (keep eigh, all threads)",)))
+    print(table(interleaved_ms(fns, "cpu", args.rounds), baselines=("ext (keep eigh, all threads)",)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The FLOP model of the benchmark: the symmetry-minimal work of the 3G pooling head (shared/PERFORMANCE.md).
+"""The FLOP model of the benchmark: the symmetry-minimal work of the 3G pooling head (the products of docs/math.md).
 
 Every row of `python -m benchmarks.pool_speed` reports TFLOP/s against this one count, whatever the
 row actually computes: a method that does more work (an N x N centring matrix, products it could have
@@ -33,8 +33,7 @@ def cov_pool_flops(B: int, C: int, N: int, K: int, mode: str) -> int:
       dL/dX_w = 2 dSigma Xc / N, a general C x C x N product:                    2 B C^2 N
     (For K = 1 the backward is the step-1 product and dL/dX_w only.)
 
-    At B=256, C=256, N=196, K=5: forward 55.0, backward 165.6, full 220.6 GFLOP; the PERFORMANCE.md
-    estimate is "about 220".
+    At B=256, C=256, N=196, K=5: forward 55.0, backward 165.6, full 220.6 GFLOP.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")

@@ -9,10 +9,11 @@ all of them alike; prints p20 / p50 / p80 ms per configuration.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
-from benchmarks.timing import percentiles, time_ms
+from benchmarks.common import fmt_quantiles, interleaved_ms, markdown_table
 from threeg_kernels import available_backends, models
 
 
@@ -31,24 +32,19 @@ def main(argv=None) -> None:
     auto = available_backends(device)[0]
     # The same backend with and without fusion isolates the fusion; 'reference' is the plain yardstick.
     configs = [(fused, b) for b in dict.fromkeys([auto, "reference"]) for fused in (True, False)]
-    samples = {c: [] for c in configs}
 
     def forward(fused, backend):
         model.fused_head, model.pool_backend = fused, backend
         with torch.no_grad():
             model(x)
 
-    for fused, backend in configs:  # warm-up
-        forward(fused, backend)
-    for _ in range(args.rounds):
-        for c in configs:
-            samples[c] += time_ms(lambda: forward(*c), device, warmup=0, repeats=1)
+    samples = interleaved_ms({c: functools.partial(forward, *c) for c in configs}, device, args.rounds)
 
     print(f"{args.arch} forward, batch {args.batch}, {args.size} px, eval, on {device}")
-    print("| head | pool backend | ms p20 / p50 / p80 |\n|---|---|---|")
-    for (fused, backend), ms in samples.items():
-        q = percentiles(ms)
-        print(f"| {'fused' if fused else 'unfused'} | {backend} | {q[0]:.0f} / {q[1]:.0f} / {q[2]:.0f} |")
+    rows = [
+        ["fused" if fused else "unfused", backend, fmt_quantiles(ms, 0)] for (fused, backend), ms in samples.items()
+    ]
+    print(markdown_table(["head", "pool backend", "ms p20 / p50 / p80"], rows))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m benchmarks.pool_speed [--quick | --full] [--B 32 64] [--C 256] [--N 196] [--iters 5]
         [--modes fwd bwd full] [--dtype float32 bf16] [--backends torch ...] [--baselines eigh ...]
+        [--precision ieee tf32 ...] [--iterates default keep recompute]
         [--upstream-3g PATH] [--upstream-mpncov PATH] [--json out.json] [--plot out.png]
 
 Prints one markdown table per (mode, dtype): p20/p50/p80 milliseconds, TFLOP/s against the minimal
@@ -15,8 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,10 @@ import torch
 import threeg_kernels
 from benchmarks import baselines
 from benchmarks.baselines import BASELINES, Method, UpstreamImportError
+from benchmarks.common import device_name, make_inputs, markdown_table, peak_mb, percentiles, rel_err, time_ms
 from benchmarks.flops import MODES, cov_pool_flops
-from benchmarks.timing import make_inputs, peak_mb, percentiles, saved_tensor_bytes, time_ms
-from threeg_kernels import reference
+from threeg_kernels import dispatch, reference
+from threeg_kernels._validate import PRECISIONS
 
 OP = "cov_pool"
 
@@ -38,14 +40,38 @@ OP = "cov_pool"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"bf16", "fp16"}
 
+# --iterates: cov_pool's keep_iterates (None: the backend's own default).
+ITERATES = {"default": None, "keep": True, "recompute": False}
+
 GPU_GRID = dict(B=[32, 64, 128, 256], C=[64, 128, 256], N=[196])
 CPU_GRID = dict(B=[32], C=[256], N=[196])
 QUICK_GRID = dict(B=[4, 8], C=[64], N=[49])
 
 RECORD_KEYS = (
-    "op", "backend", "kind", "mode", "B", "C", "N", "K", "dtype", "ms_p20", "ms_p50", "ms_p80", "tflops",
-    "peak_mb", "speedup_vs", "max_rel_err", "err_vs", "device_name", "torch_version", "triton_version",
-    "git_sha", "timestamp",
+    "op",
+    "backend",
+    "kind",
+    "mode",
+    "B",
+    "C",
+    "N",
+    "K",
+    "dtype",
+    "precision",
+    "iterates",
+    "ms_p20",
+    "ms_p50",
+    "ms_p80",
+    "tflops",
+    "peak_mb",
+    "speedup_vs",
+    "max_rel_err",
+    "err_vs",
+    "device_name",
+    "torch_version",
+    "triton_version",
+    "git_sha",
+    "timestamp",
 )
 
 
@@ -57,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             "Default grid: on CUDA B in {32,64,128,256} x C in {64,128,256}, N=196; on CPU only B=32 C=256 "
             "N=196 (a B=256 C=256 fwd+bwd takes seconds per call on a few cores: ask for the GPU grid "
             "with --full). --quick: B in {4,8}, C=64, N=49, 5 repeats (under a minute on 2 CPU cores). "
-            "The 'triton' backend is skipped on CPU (it only runs under the slow interpreter there)."
+            "The 'triton' backend is skipped on CPU (it only runs under the slow interpreter there). "
+            "Without --backends, only the backends that support every --precision and --iterates asked for "
+            "run; a backend named in --backends that does not support one is an error."
         ),
     )
     grid = p.add_mutually_exclusive_group()
@@ -68,19 +96,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--N", type=int, nargs="+", help="spatial positions H*W (overrides the grid)")
     p.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps K (default 5, as 3G-Net)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
-                   help="float32 (default), float64; bf16 / fp16 autocast on CUDA only")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=list(DTYPES),
+        default=["float32"],
+        help="float32 (default), float64; bf16 / fp16 autocast on CUDA only",
+    )
     p.add_argument("--backends", nargs="+", help="only these backends (default: every one present)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=["ieee"],
+        help="cov_pool(precision=...) of the backend rows (default ieee; tf32x3, tf32, bf16: the triton backend only)",
+    )
+    p.add_argument(
+        "--iterates",
+        nargs="+",
+        choices=list(ITERATES),
+        default=["default"],
+        help="cov_pool(keep_iterates=None / True / False) of the backend rows (default: the backend's default)",
+    )
     p.add_argument("--baselines", nargs="*", choices=list(BASELINES), help="only these baselines (none: no args)")
     p.add_argument("--upstream-3g", metavar="PATH", help="a 3G-Net checkout: time its models/resnet.py head too")
-    p.add_argument("--upstream-mpncov", metavar="PATH",
-                   help="a fast-MPN-COV checkout: time its src/representation/MPNCOV.py MPNCOV layer too")
+    p.add_argument(
+        "--upstream-mpncov",
+        metavar="PATH",
+        help="a fast-MPN-COV checkout: time its src/representation/MPNCOV.py MPNCOV layer too",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: 20 CUDA, 5 CPU and --quick)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default: 3 CUDA and --quick, 1 CPU)")
     p.add_argument("--json", metavar="PATH", help="write one JSON record per measurement")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: p50 time vs B, one line per backend/baseline")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is no tty)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is no tty)"
+    )
     args = p.parse_args(argv)
 
     args.device = torch.device(args.device)
@@ -104,14 +156,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup = 3 if cuda or args.quick else 1
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats}, {args.warmup}")
+    args.precision = list(dict.fromkeys(args.precision))
+    args.iterates = list(dict.fromkeys(args.iterates))
 
     present = present_backends(args.device)
     if args.backends is not None:
         unknown = [b for b in args.backends if b not in present]
         if unknown:
             p.error(f"--backends {' '.join(unknown)}: not present on {args.device} (present: {', '.join(present)})")
+    asked = " ".join(
+        [f"--precision {' '.join(args.precision)}"] * (args.precision != ["ieee"])
+        + [f"--iterates {' '.join(args.iterates)}"] * (args.iterates != ["default"])
+    )
+    why = {b: unsupported_options(b, args.device, args.precision, args.iterates) for b in present}
+    if args.backends is not None:
+        for b in args.backends:
+            if why[b]:
+                p.error(f"{asked}: {why[b]}")
+        chosen = [b for b in present if b in args.backends]
+    else:
+        chosen = [b for b in present if not why[b]]
+        if not chosen:
+            p.error(f"{asked}: no backend present on {args.device} supports it ({'; '.join(why.values())})")
     args.methods = [
-        Method(b, "backend", _backend_fn(b), baselines.EPS, "3g") for b in present if args.backends is None or b in args.backends
+        Method(b, "backend", _backend_fn(b, pr, it), baselines.EPS, "3g", precision=pr, iterates=it)
+        for b in chosen
+        for pr in args.precision
+        for it in args.iterates
     ]
     args.methods += [BASELINES[b] for b in BASELINES if args.baselines is None or b in args.baselines]
     try:
@@ -129,23 +200,26 @@ def present_backends(device: torch.device) -> list[str]:
     return [b for b in threeg_kernels.available_backends(device) if not (b == "triton" and device.type == "cpu")]
 
 
-def _backend_fn(name: str):
-    return lambda x, weight, iters: threeg_kernels.cov_pool(x, weight, iters=iters, eps=baselines.EPS, backend=name)
+def unsupported_options(backend: str, device: torch.device, precisions, iterates) -> Optional[str]:
+    """None if `backend` runs every precision and iterates setting asked for, else a sentence saying what not.
+
+    The precisions come from the backend itself (dispatch's `precisions`); keep_iterates is honoured by every
+    backend but 'reference', which differentiates with autograd and ignores it (cov_pool's docstring).
+    """
+    supported = dispatch.resolve(backend, device).precisions
+    if any(pr not in supported for pr in precisions):
+        return f"backend {backend!r} supports only precision {' '.join(supported)}"
+    if backend == "reference" and any(ITERATES[it] is not None for it in iterates):
+        return "backend 'reference' ignores keep_iterates (autograd keeps what it needs)"
+    return None
+
+
+def _backend_fn(name: str, precision: str, iterates: str):
+    options = dict(eps=baselines.EPS, backend=name, precision=precision, keep_iterates=ITERATES[iterates])
+    return lambda x, weight, iters: threeg_kernels.cov_pool(x, weight, iters=iters, **options)
 
 
 # ------------------------------------------------------------------------------------------- metadata
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def triton_version() -> Optional[str]:
@@ -159,10 +233,12 @@ def triton_version() -> Optional[str]:
 def git_sha() -> str:
     """HEAD of the checkout the benchmark runs from, '+dirty' when the tree has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
@@ -203,17 +279,12 @@ def _backward(state, grad):
 
 def mode_calls(mode, method, x, weight, grad, iters, ctx_factory):
     """(fn, setup) for time_ms / peak_mb: what one call of `mode` runs, and its untimed setup."""
-    forward = lambda: _forward(method.fn, x, weight, iters, ctx_factory)  # noqa: E731
+    forward = functools.partial(_forward, method.fn, x, weight, iters, ctx_factory)
     if mode == "fwd":
         return forward, None
     if mode == "bwd":
-        return (lambda state: _backward(state, grad)), forward
+        return functools.partial(_backward, grad=grad), forward
     return (lambda: _backward(forward(), grad)), None
-
-
-def _rel_err(got, want) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
 
 class Truth:
@@ -248,12 +319,51 @@ def method_errors(method: Method, truth: Truth, x, weight, grad, iters, ctx_fact
     state = _forward(method.fn, x, weight, iters, ctx_factory)
     out = state[0]
     if method.exact:
-        err = _rel_err(out, truth.exact(method.eps, method.order))
+        err = rel_err(out, truth.exact(method.eps, method.order))
         return {m: err for m in MODES}, "exact sqrt, float64 (output)"
     dx, dw = _backward(state, grad)
     want = truth.kstep(method.eps, method.order)
-    e_out, e_dx, e_dw = _rel_err(out, want[0]), _rel_err(dx, want[1]), _rel_err(dw, want[2])
+    e_out, e_dx, e_dw = rel_err(out, want[0]), rel_err(dx, want[1]), rel_err(dw, want[2])
     return {"fwd": e_out, "bwd": max(e_dx, e_dw), "full": max(e_out, e_dx, e_dw)}, "reference, float64"
+
+
+def measure(method: Method, x, weight, grad, truth: Truth, dtype_name: str, args: argparse.Namespace) -> list[dict]:
+    """One record per mode of `method` at the shape of x, in dtype `dtype_name`."""
+    device, iters = args.device, args.iters
+    ctx_factory = functools.partial(_autocast, device, dtype_name)
+    errs, err_vs = method_errors(method, truth, x, weight, grad, iters, ctx_factory)
+    b, c, n = x.shape
+    cpu_mb = None
+    if device.type != "cuda":  # saved-for-backward bytes: a property of the forward, the same in every mode
+        cpu_mb = peak_mb(mode_calls("fwd", method, x, weight, grad, iters, ctx_factory)[0], device)
+    records = []
+    for mode in args.modes:
+        fn, setup = mode_calls(mode, method, x, weight, grad, iters, ctx_factory)
+        ms = percentiles(time_ms(fn, device, args.warmup, args.repeats, setup=setup))
+        records.append(
+            dict(
+                op=OP,
+                backend=method.name,
+                kind=method.kind,
+                mode=mode,
+                B=b,
+                C=c,
+                N=n,
+                K=iters,
+                dtype=dtype_name + ("-autocast" if dtype_name in AUTOCAST else ""),
+                precision=method.precision,
+                iterates=method.iterates,
+                ms_p20=ms[0],
+                ms_p50=ms[1],
+                ms_p80=ms[2],
+                tflops=cov_pool_flops(b, c, n, iters, mode) / (ms[1] * 1e-3) / 1e12,
+                peak_mb=cpu_mb if cpu_mb is not None else peak_mb(fn, device, setup),
+                speedup_vs={},
+                max_rel_err=errs[mode],
+                err_vs=err_vs,
+            )
+        )
+    return records
 
 
 def _progress(total: int, disable: bool):
@@ -265,36 +375,21 @@ def _progress(total: int, disable: bool):
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    device, meta = args.device, run_metadata(args.device)
+    meta = run_metadata(args.device)
     shapes = [(b, c, n) for c in args.C for n in args.N for b in args.B]
-    total = len(shapes) * len(args.dtype) * len(args.methods) * len(args.modes)
+    total = len(shapes) * len(args.dtype) * len(args.methods)
     records = []
     with _progress(total, args.no_progress) as bar:
         for dtype_name in args.dtype:
-            ctx_factory = lambda: _autocast(device, dtype_name)  # noqa: E731
             for b, c, n in shapes:
-                x, weight, grad = make_inputs(b, c, n, DTYPES[dtype_name], device)
+                x, weight, grad = make_inputs(b, c, n, DTYPES[dtype_name], args.device)
                 truth = Truth(x, weight, grad, args.iters)
                 for method in args.methods:
                     if bar is not None:
-                        bar.set_description(f"{method.name} B={b} C={c} N={n} {dtype_name}")
-                    errs, err_vs = method_errors(method, truth, x, weight, grad, args.iters, ctx_factory)
-                    cpu_mb = None
-                    if device.type != "cuda":  # saved-for-backward bytes: a property of the forward
-                        cpu_mb = saved_tensor_bytes(lambda: _forward(method.fn, x, weight, args.iters, ctx_factory)) / 2**20
-                    for mode in args.modes:
-                        fn, setup = mode_calls(mode, method, x, weight, grad, args.iters, ctx_factory)
-                        ms = percentiles(time_ms(fn, device, args.warmup, args.repeats, setup=setup))
-                        flops = cov_pool_flops(b, c, n, args.iters, mode)
-                        records.append(dict(
-                            op=OP, backend=method.name, kind=method.kind, mode=mode, B=b, C=c, N=n, K=args.iters,
-                            dtype=dtype_name + ("-autocast" if dtype_name in AUTOCAST else ""),
-                            ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], tflops=flops / (ms[1] * 1e-3) / 1e12,
-                            peak_mb=cpu_mb if cpu_mb is not None else peak_mb(fn, device, setup),
-                            speedup_vs={}, max_rel_err=errs[mode], err_vs=err_vs, **meta,
-                        ))
-                        if bar is not None:
-                            bar.update(1)
+                        bar.set_description(f"{method.label} B={b} C={c} N={n} {dtype_name}")
+                    records += [{**r, **meta} for r in measure(method, x, weight, grad, truth, dtype_name, args)]
+                    if bar is not None:
+                        bar.update(1)
     add_speedups(records)
     return records
 
@@ -317,30 +412,40 @@ def add_speedups(records: list[dict]) -> None:
 # -------------------------------------------------------------------------------------------- writers
 
 
+def record_label(r: dict) -> str:
+    """The row's name in tables and plots: the backend, with its precision and iterates when not the default."""
+    return baselines.label(r["backend"], r["precision"], r["iterates"])
+
+
 def markdown_tables(records: list[dict]) -> str:
     """One table per (mode, dtype): rows by shape, then backends, then baselines."""
     baseline_names = list(dict.fromkeys(r["backend"] for r in records if r["kind"] == "baseline"))
-    lines = []
-    groups = dict.fromkeys((r["mode"], r["dtype"]) for r in records)
-    for mode, dtype in groups:
+    mode_names = {"fwd": "forward", "bwd": "backward", "full": "forward + backward"}
+    blocks = []
+    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in records):
         rows = [r for r in records if r["mode"] == mode and r["dtype"] == dtype]
         rows.sort(key=lambda r: (r["C"], r["N"], r["B"], r["kind"] != "backend"))
-        lines.append(f"\n{mode} ({ {'fwd': 'forward', 'bwd': 'backward', 'full': 'forward + backward'}[mode] }), "
-                     f"{dtype}, K={rows[0]['K']}\n")
         head = ["method", "B", "C", "N", "ms p50 (p20-p80)", "TFLOP/s", "peak MB", "max rel err"]
         head += [f"x vs {name}" for name in baseline_names]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        cells = []
         for r in rows:
             flag = " (exact sqrt)" if r["err_vs"].startswith("exact") else ""
-            cells = [
-                r["backend"] + ("" if r["kind"] == "backend" else " *"), str(r["B"]), str(r["C"]), str(r["N"]),
-                f"{_fmt_ms(r['ms_p50'])} ({_fmt_ms(r['ms_p20'])}-{_fmt_ms(r['ms_p80'])})",
-                f"{r['tflops']:.3g}",
-                f"{r['peak_mb']:.3g}", f"{r['max_rel_err']:.1e}{flag}",
-            ]
-            cells += [f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else "" for name in baseline_names]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines).lstrip("\n")
+            cells.append(
+                [
+                    record_label(r) + ("" if r["kind"] == "backend" else " *"),
+                    str(r["B"]),
+                    str(r["C"]),
+                    str(r["N"]),
+                    f"{_fmt_ms(r['ms_p50'])} ({_fmt_ms(r['ms_p20'])}-{_fmt_ms(r['ms_p80'])})",
+                    f"{r['tflops']:.3g}",
+                    f"{r['peak_mb']:.3g}",
+                    f"{r['max_rel_err']:.1e}{flag}",
+                ]
+                + [f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else "" for name in baseline_names]
+            )
+        title = f"{mode} ({mode_names[mode]}), {dtype}, K={rows[0]['K']}"
+        blocks.append(title + "\n\n" + markdown_table(head, cells))
+    return "\n\n".join(blocks)
 
 
 def _fmt_ms(ms: float) -> str:
@@ -372,8 +477,8 @@ def write_plot(records: list[dict], path) -> None:
             ax = axes[mode_row][col]
             ax.set_visible(True)
             rows = [r for r in records if (r["mode"], r["C"], r["N"]) == (mode, c, n)]
-            for name, dtype in dict.fromkeys((r["backend"], r["dtype"]) for r in rows):
-                line = sorted((r for r in rows if (r["backend"], r["dtype"]) == (name, dtype)), key=lambda r: r["B"])
+            for name, dtype in dict.fromkeys((record_label(r), r["dtype"]) for r in rows):
+                line = sorted((r for r in rows if (record_label(r), r["dtype"]) == (name, dtype)), key=lambda r: r["B"])
                 bs = [r["B"] for r in line]
                 label = name + (f" {dtype}" if multi_dtype else "")
                 style = "-o" if line[0]["kind"] == "backend" else "--s"
@@ -395,16 +500,23 @@ def write_plot(records: list[dict], path) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    names = ", ".join(m.name for m in args.methods if m.kind == "backend")
-    print(f"cov_pool on {args.device} ({device_name(args.device)}), torch {torch.__version__}; "
-          f"backends: {names}; {args.warmup} warm-up + {args.repeats} timed calls each")
+    names = ", ".join(m.label for m in args.methods if m.kind == "backend")
+    print(
+        f"cov_pool on {args.device} ({device_name(args.device)}), torch {torch.__version__}; "
+        f"backends: {names}; {args.warmup} warm-up + {args.repeats} timed calls each"
+    )
     if args.device.type == "cpu" and "triton" in threeg_kernels.available_backends(args.device):
         print("(triton skipped on CPU: it runs only under the interpreter there)")
     records = run(args)
     print(markdown_tables(records))
-    print("\n* baseline (a re-statement of the published method; docs/benchmark.md). "
-          + ("peak MB: bytes saved for backward." if args.device.type != "cuda"
-             else "peak MB: allocator peak during the call, inputs excluded."))
+    print(
+        "\n* baseline (a re-statement of the published method; docs/benchmark.md). "
+        + (
+            "peak MB: bytes saved for backward."
+            if args.device.type != "cuda"
+            else "peak MB: allocator peak during the call, inputs excluded."
+        )
+    )
     if args.json:
         write_json(records, args.json)
         print(f"wrote {len(records)} records to {args.json}")

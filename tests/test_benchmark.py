@@ -8,14 +8,14 @@ import textwrap
 import pytest
 import torch
 
+import threeg_kernels
 from benchmarks import baselines
 from benchmarks.baselines import BASELINES
+from benchmarks.common import interleaved_ms, markdown_table, percentiles, saved_tensor_bytes, time_ms
 from benchmarks.flops import cov_pool_flops
-from benchmarks.pool_speed import RECORD_KEYS, main, present_backends, write_json, write_plot
-from benchmarks.timing import percentiles, saved_tensor_bytes, time_ms
+from benchmarks.pool_speed import RECORD_KEYS, main, present_backends, unsupported_options, write_json, write_plot
 from tests.helpers import make_case, rel_err
 from threeg_kernels import reference
-
 
 # ------------------------------------------------------------------------------------------- FLOP model
 
@@ -34,7 +34,7 @@ def test_flops_hand_count():
         assert cov_pool_flops(1, 2, 3, k, "fwd") == fwd
         assert cov_pool_flops(1, 2, 3, k, "bwd") == bwd
         assert cov_pool_flops(1, 2, 3, k, "full") == fwd + bwd
-    # the forward's 12 products at K=5, and shared/PERFORMANCE.md's "about 220 GFLOP" at the ResNet-3G size
+    # the forward's 12 products at K=5, and about 220 GFLOP fwd+bwd at the ResNet-3G size
     assert cov_pool_flops(1, 4, 2, 5, "fwd") - 1 * 4 * 5 * 2 == 12 * (4 * 4 * 5)
     assert cov_pool_flops(256, 256, 196, 5, "full") == pytest.approx(220e9, rel=0.01)
     with pytest.raises(ValueError, match="mode"):
@@ -46,8 +46,13 @@ def test_flops_hand_count():
 
 @pytest.mark.parametrize(
     "name,iters,order",
-    [("isqrt-style", 5, "3g"), ("isqrt-style", 1, "mpncov"), ("autograd-style", 5, "3g"),
-     ("autograd-style", 1, "mpncov"), ("compile-ref", 5, "3g")],  # one compile-ref case: a compile takes 15-40 s here
+    [
+        ("isqrt-style", 5, "3g"),
+        ("isqrt-style", 1, "mpncov"),
+        ("autograd-style", 5, "3g"),
+        ("autograd-style", 1, "mpncov"),
+        pytest.param("compile-ref", 5, "3g", marks=pytest.mark.slow),
+    ],  # one compile-ref case: a compile takes 15-40 s on 2 CPU cores
 )
 def test_baselines_agree_with_reference_float64(name, iters, order):
     # C=64 as in --quick: compile-ref specialises on C (B and N stay dynamic), so the smoke run below
@@ -93,6 +98,14 @@ def test_percentiles_and_time_ms_with_setup():
     assert calls == ["fresh"] * 5
 
 
+def test_interleaved_ms_and_markdown_table():
+    calls = []
+    samples = interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", rounds=2)
+    assert calls == ["a", "b"] * 3  # one untimed call each, then two rounds in turn
+    assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2}
+    assert markdown_table(["x", "y"], [["1", "2"]]) == "| x | y |\n|---|---|\n| 1 | 2 |"
+
+
 def test_saved_tensor_bytes_counts_each_storage_once():
     x = torch.randn(64, 64, requires_grad=True)
     assert saved_tensor_bytes(lambda: (x * x).sum()) == x.nbytes  # x saved twice, one storage
@@ -113,14 +126,35 @@ def _check_schema(record: dict) -> None:
     assert record["tflops"] > 0 and record["peak_mb"] > 0
     assert isinstance(record["speedup_vs"], dict) and record["max_rel_err"] >= 0
     assert all(isinstance(record[k], str) for k in ("dtype", "device_name", "torch_version", "git_sha", "timestamp"))
+    if record["kind"] == "backend":
+        assert record["precision"] == "ieee" and record["iterates"] in ("default", "keep", "recompute")
+    else:
+        assert record["precision"] is None and record["iterates"] is None
 
 
+@pytest.mark.slow  # compile-ref compiles here unless the agreement test above already did
 def test_quick_run_writes_every_backend_and_baseline(tmp_path, capsys):
     # float64 (the default is float32): the compiled graph is then the one the float64 agreement test
     # above made, so the file pays for one compile; and every K-step method must match to 1e-10.
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
-    main(["--quick", "--B", "4", "--dtype", "float64", "--repeats", "1", "--warmup", "0", "--json", str(out_json),
-          "--plot", str(out_png), "--no-progress"])
+    main(
+        [
+            "--quick",
+            "--B",
+            "4",
+            "--dtype",
+            "float64",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--no-progress",
+        ]
+    )
     table = capsys.readouterr().out
     records = json.loads(out_json.read_text())
     backends = present_backends(torch.device("cpu"))
@@ -138,19 +172,85 @@ def test_quick_run_writes_every_backend_and_baseline(tmp_path, capsys):
     assert "exact sqrt" in table and out_png.stat().st_size > 0
 
 
+def test_iterates_keep_and_recompute(tmp_path, capsys):
+    # cov_pool(keep_iterates=True / False) on every backend that has the switch ('reference' has none):
+    # the same numbers, and recomputing saves fewer bytes for backward (the CPU peak MB)
+    out_json = tmp_path / "iterates.json"
+    argv = ["--device", "cpu", "--B", "2", "--C", "16", "--N", "20", "--dtype", "float64", "--modes", "fwd", "full"]
+    argv += ["--repeats", "1", "--warmup", "0", "--baselines", "--iterates", "keep", "recompute", "--no-progress"]
+    main(argv + ["--json", str(out_json)])
+    records = json.loads(out_json.read_text())
+    switched = [b for b in present_backends(torch.device("cpu")) if b != "reference"]
+    expected = {(b, it, m) for b in switched for it in ("keep", "recompute") for m in ("fwd", "full")}
+    assert {(r["backend"], r["iterates"], r["mode"]) for r in records} == expected
+    for r in records:
+        _check_schema(r)
+        assert r["max_rel_err"] < 1e-10, r
+    saved = {(r["backend"], r["iterates"]): r["peak_mb"] for r in records if r["mode"] == "full"}
+    for b in switched:
+        assert saved[(b, "recompute")] < saved[(b, "keep")], saved
+    assert f"| {switched[0]} recompute |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backends", "torch", "--precision", "ieee", "bf16"], "--precision ieee bf16: backend 'torch' supports"),
+        (["--precision", "tf32"], "--precision tf32: no backend present on cpu supports it"),
+        (["--backends", "reference", "--iterates", "recompute"], "backend 'reference' ignores keep_iterates"),
+    ],
+)
+def test_precision_and_iterates_only_where_supported(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv + ["--device", "cpu"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m benchmarks.pool_speed: error: ") and message in last, last
+
+
+def test_supported_options_come_from_the_backends():
+    cpu = torch.device("cpu")
+    assert unsupported_options("torch", cpu, ["ieee"], ["default", "keep", "recompute"]) is None
+    assert "precision ieee" in unsupported_options("torch", cpu, ["tf32x3"], ["default"])
+    if "triton" in threeg_kernels.available_backends(cpu):  # under Triton's interpreter (tests/conftest.py)
+        assert unsupported_options("triton", cpu, ["ieee", "tf32x3", "tf32", "bf16"], ["keep", "recompute"]) is None
+
+
 def _record(backend, kind, mode, b, ms):
     return dict(
-        op="cov_pool", backend=backend, kind=kind, mode=mode, B=b, C=8, N=6, K=5, dtype="float32",
-        ms_p20=0.9 * ms, ms_p50=ms, ms_p80=1.1 * ms, tflops=1.0, peak_mb=1.0, speedup_vs={}, max_rel_err=1e-7,
-        err_vs="reference, float64", device_name="cpu", torch_version=torch.__version__, triton_version=None,
-        git_sha="abc", timestamp="2026-11-26T00:00:00+00:00",
+        op="cov_pool",
+        backend=backend,
+        kind=kind,
+        mode=mode,
+        B=b,
+        C=8,
+        N=6,
+        K=5,
+        dtype="float32",
+        precision="ieee" if kind == "backend" else None,
+        iterates="default" if kind == "backend" else None,
+        ms_p20=0.9 * ms,
+        ms_p50=ms,
+        ms_p80=1.1 * ms,
+        tflops=1.0,
+        peak_mb=1.0,
+        speedup_vs={},
+        max_rel_err=1e-7,
+        err_vs="reference, float64",
+        device_name="cpu",
+        torch_version=torch.__version__,
+        triton_version=None,
+        git_sha="abc",
+        timestamp="2026-11-26T00:00:00+00:00",
     )
 
 
 def test_json_and_plot_writers(tmp_path):
-    records = [_record(name, kind, mode, b, b * (2.0 if kind == "baseline" else 1.0))
-               for name, kind in (("torch", "backend"), ("eigh", "baseline"))
-               for mode in ("fwd", "full") for b in (2, 4, 8)]
+    records = [
+        _record(name, kind, mode, b, b * (2.0 if kind == "baseline" else 1.0))
+        for name, kind in (("torch", "backend"), ("eigh", "baseline"))
+        for mode in ("fwd", "full")
+        for b in (2, 4, 8)
+    ]
     write_json(records, tmp_path / "sub" / "r.json")
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == records
     write_plot(records, tmp_path / "r.png")
@@ -203,9 +303,32 @@ def _fake_checkout(root, files):
 def test_upstream_options_with_a_fake_checkout(tmp_path, capsys):
     root = _fake_checkout(tmp_path / "up", {"models/resnet.py": FAKE_3G, "src/representation/MPNCOV.py": FAKE_MPNCOV})
     out_json = tmp_path / "up.json"
-    main(["--B", "2", "--C", "8", "--N", "6", "--modes", "full", "--repeats", "1", "--warmup", "0",
-          "--backends", "reference", "--baselines", "--upstream-3g", str(root), "--upstream-mpncov", str(root),
-          "--json", str(out_json), "--no-progress"])
+    main(
+        [
+            "--B",
+            "2",
+            "--C",
+            "8",
+            "--N",
+            "6",
+            "--modes",
+            "full",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--backends",
+            "reference",
+            "--baselines",
+            "--upstream-3g",
+            str(root),
+            "--upstream-mpncov",
+            str(root),
+            "--json",
+            str(out_json),
+            "--no-progress",
+        ]
+    )
     records = {r["backend"]: r for r in json.loads(out_json.read_text())}
     assert set(records) == {"reference", "upstream-3g", "upstream-mpncov"}
     for r in records.values():
@@ -226,4 +349,3 @@ def test_upstream_options_say_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--upstream-mpncov", str(broken)])
     assert "src/representation/MPNCOV.py" in capsys.readouterr().err
-

@@ -1,19 +1,24 @@
-"""Timing and memory measurement shared by the benchmarks: warm-up, then percentiles over repeats.
+"""What every benchmark script shares: inputs, the timer, memory, the error measure, tables, the machine's name.
 
-CUDA: events around each repeat (after a synchronize); CPU: time.perf_counter.
-Memory: CUDA's allocator peak on a GPU; on CPU, where no allocator peak is kept, the bytes autograd
-saves for backward (what a training step holds between forward and backward).
+Timing: a warm-up, then percentiles over repeats. CUDA: events around each call (after a synchronize);
+CPU: time.perf_counter. Memory: CUDA's allocator peak on a GPU; on CPU, where no allocator peak is kept,
+the bytes autograd saves for backward (what a training step holds between forward and backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import platform
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 import threeg_kernels
+
+# ------------------------------------------------------------------------------------------ timing
 
 
 def percentiles(samples: list[float], qs=(20, 50, 80)) -> list[float]:
@@ -40,6 +45,7 @@ def time_ms(
     With `setup`, every call (warm-up and timed) first runs setup() untimed and passes its result:
     fn(setup()). That times a backward alone, with a fresh forward as its setup.
     """
+    device = torch.device(device)
 
     def call() -> float:
         arg = setup() if setup is not None else None
@@ -58,6 +64,21 @@ def time_ms(
     for _ in range(warmup):
         call()
     return [call() for _ in range(repeats)]
+
+
+def interleaved_ms(fns: dict, device, rounds: int) -> dict:
+    """{name: [ms per round]}: one untimed call of each fn, then `rounds` rounds that time every fn once,
+    in turn, so that the drifts of a shared machine fall on all of them alike."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += time_ms(fn, device, warmup=0, repeats=1)
+    return samples
+
+
+# ------------------------------------------------------------------------------------------ memory
 
 
 def saved_tensor_bytes(fn: Callable[[], object]) -> int:
@@ -84,9 +105,7 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
-def peak_mb(
-    fn: Callable, device: torch.device, setup: Optional[Callable[[], object]] = None
-) -> float:
+def peak_mb(fn: Callable, device: torch.device, setup: Optional[Callable[[], object]] = None) -> float:
     """Memory of one call of fn (or fn(setup()), setup excluded), in MiB.
 
     CUDA: torch.cuda.max_memory_allocated during the call, less what was allocated before it (so the
@@ -107,7 +126,42 @@ def peak_mb(
     return saved_tensor_bytes(fn) / 2**20
 
 
-# ---------------------------------------------------------------- inputs shared by the benchmark scripts
+# ------------------------------------------------------------------------------- errors and tables
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64."""
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, one line per row of cells (already formatted)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_quantiles(samples: list[float], digits: int = 1) -> str:
+    """'p20 / p50 / p80' of the samples, `digits` decimals each."""
+    return " / ".join(f"{q:.{digits}f}" for q in percentiles(samples))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------------------ inputs
 
 
 def add_shape_args(parser) -> None:
@@ -127,10 +181,11 @@ def make_inputs(b, c, n, dtype, device, seed=0):
     return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, grad))
 
 
-def fwd_bwd(backend, x, weight, grad, iters):
-    """(out, dL/dx, dL/dweight) of cov_pool on fresh leaves: one training step of the head."""
+def fwd_bwd(backend, x, weight, grad, iters, **options):
+    """(out, dL/dx, dL/dweight) of cov_pool on fresh leaves: one training step of the head.
+    `options` go to cov_pool (precision=, keep_iterates=)."""
     x = x.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
-    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend)
+    out = threeg_kernels.cov_pool(x, weight, iters=iters, backend=backend, **options)
     dx, dw = torch.autograd.grad(out, (x, weight), grad)
     return out, dx, dw
