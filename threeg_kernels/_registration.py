@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
+from . import reference
 from ._validate import MAX_ITERS
 from .reference import ORDERS
 
@@ -108,10 +109,10 @@ def register_pool_op(
         return torch.empty_like(x), dweight
 
     def setup_context(ctx, inputs, output):
-        x, weight, iters, _eps, order, _keep, precision = inputs
+        x, weight, iters, eps, order, _keep, precision = inputs
         out, A, tr, iterates = output
         ctx.save_for_backward(x, weight, out, A, tr, iterates)
-        ctx.iters, ctx.order, ctx.precision = iters, order, precision
+        ctx.iters, ctx.eps, ctx.order, ctx.precision = iters, eps, order, precision
         ctx.mark_non_differentiable(A, tr, iterates)
         # Otherwise autograd fills a zero gradient for each auxiliary output (100s of MB for iterates).
         ctx.set_materialize_grads(False)
@@ -120,9 +121,24 @@ def register_pool_op(
         if grad_out is None:
             return None, None, None, None, None, None, None
         x, weight, out, A, tr, iterates = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient will itself be differentiated (a gradient penalty, a Hessian).
+            # The backward ops have no derivative of their own, so the gradient is taken through the
+            # reference math instead, whose autograd graph supports any order.
+            dx, dweight = _reference_gradient(x, weight, grad_out, ctx.iters, ctx.eps, ctx.order)
+            return dx, dweight, None, None, None, None, None
         dx, dweight = backward_op(
             grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
         )
         return dx, (dweight if weight is not None else None), None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _reference_gradient(x, weight, grad_out, iters, eps, order):
+    """(dx, dweight or None) of reference.cov_pool, as a differentiable function of x, weight and grad_out."""
+    leaves = [t for t in (x, weight) if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out = reference.cov_pool(x, weight, iters, eps, order)
+        grads = dict(zip(map(id, leaves), torch.autograd.grad(out, leaves, grad_out, create_graph=True)))
+    return grads.get(id(x)), (None if weight is None else grads.get(id(weight)))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from . import dispatch
 from ._validate import (
@@ -62,6 +63,11 @@ def cov_pool(
         (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast
         is disabled inside) and the result cast back; float64 is computed in float64 throughout.
 
+    Autograd: the gradient of every backend equals autograd of the reference math (docs/math.md). Under
+    torch.func transforms (grad, jacrev, jacfwd, jvp, vmap, hessian) and forward-mode AD, cov_pool evaluates
+    the reference math on any backend; a gradient that is itself differentiated (create_graph=True: gradient
+    penalties, double backward) is taken through the reference math too.
+
     Non-finite inputs are not checked (that would cost a device sync): a NaN or Inf in a sample gives
     NaN/Inf in that sample's output and gradients, and in no other sample. With eps=0, a sample whose
     covariance is exactly zero (constant features) has trace 0 and its output is NaN; keep eps > 0.
@@ -75,6 +81,10 @@ def cov_pool(
     check_precision(precision)
     check_keep_iterates(keep_iterates)
     chosen = dispatch.resolve(backend, x3.device)
+    if _transformed(x, weight):
+        # torch.func transforms and forward-mode AD need a derivative rule the registered ops do not have:
+        # evaluate the reference math, whose plain torch ops support them all.
+        chosen = dispatch.resolve("reference", x3.device)
     if precision not in chosen.precisions:
         raise ValueError(
             f"precision={precision!r} needs a backend that supports it (the 'triton' backend); "
@@ -90,6 +100,18 @@ def cov_pool(
         wc = None if w2 is None else w2.to(dtype)
         out = chosen.pool(x3.to(dtype), wc, int(iters), float(eps), order, precision, keep)
     return out.to(x.dtype)
+
+
+def _transformed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """True inside a torch.func transform (grad, jacrev, jvp, vmap, ...) or when an input carries a
+    forward-mode tangent (torch.autograd.forward_ad)."""
+    if torch.compiler.is_compiling():
+        return False  # what torch.compile traces is differentiated by AOTAutograd, through the ops' formulas
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in (x, weight))
 
 
 def _no_autocast(device_type: str):
