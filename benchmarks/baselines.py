@@ -16,8 +16,10 @@ re-weighting block) and return the (B, C(C+1)/2) triangle in the order they were
   root, and its gradient is ill-conditioned when Sigma has repeated eigenvalues (C > N).
 - compile-ref: torch.compile of threeg_kernels.reference.cov_pool with dynamic shapes: B and N stay
   symbolic, C is specialised (the identity and triangle indices need it), so one compile per C and dtype.
-- upstream-3g / upstream-mpncov (only with --upstream-3g / --upstream-mpncov): the original code,
-  imported at run time from a checkout the user points to. Nothing of it is shipped here.
+- upstream-3g / upstream-mpncov (only with --upstream-3g / --upstream-mpncov): not a re-statement but the
+  original projects' code, imported at run time from a checkout the user points to (the published 3G-Net
+  repository as it is: its head is in models/ResNet_3G.py). Nothing of it is shipped here; the tables mark
+  these rows with † instead of the re-statements' *.
 """
 
 from __future__ import annotations
@@ -228,23 +230,27 @@ class UpstreamImportError(RuntimeError):
     """An --upstream-* path does not hold the expected file or symbols; the message says what is missing."""
 
 
-# Where each upstream project keeps its pooling code, and the names it is called by there.
+# Where each upstream project keeps its pooling code (the first of these files that exists), and the names
+# it is called by there.
 UPSTREAM_LAYOUT = {
-    # github.com/csqlwang/3G-Net: module-level functions of the ResNet-3G model file
-    "upstream-3g": ("models/resnet.py", ("cov_forward", "sqrt_forward", "triu_forward")),
+    # github.com/csqlwang/3G-Net: module-level functions of the ResNet-3G model file (models/ResNet_3G.py in
+    # the published repository; models/resnet.py in copies that renamed it)
+    "upstream-3g": (("models/ResNet_3G.py", "models/resnet.py"), ("cov_forward", "sqrt_forward", "triu_forward")),
     # github.com/jiangtaoxie/fast-MPN-COV: the iSQRT-COV layer, MPNCOV(iterNum, is_sqrt, is_vec, input_dim, ...)
-    "upstream-mpncov": ("src/representation/MPNCOV.py", ("MPNCOV",)),
+    "upstream-mpncov": (("src/representation/MPNCOV.py",), ("MPNCOV",)),
 }
 
 
 def _import_upstream(name: str, path) -> object:
-    relative, symbols = UPSTREAM_LAYOUT[name]
+    candidates, symbols = UPSTREAM_LAYOUT[name]
     flag = f"--{name}"
     root = Path(path).expanduser()
-    file = root if root.is_file() else root / relative
-    if not file.is_file():
+    files = [root] if root.is_file() else [root / relative for relative in candidates]
+    file = next((f for f in files if f.is_file()), None)
+    if file is None:
         raise UpstreamImportError(
-            f"{flag} {path}: expected a checkout holding {relative} (or that file itself); {file} does not exist"
+            f"{flag} {path}: expected a checkout holding {' or '.join(candidates)} (or that file itself); "
+            f"none of {', '.join(map(str, files))} exists"
         )
     spec = importlib.util.spec_from_file_location(f"_threeg_bench_{name.replace('-', '_')}", file)
     module = importlib.util.module_from_spec(spec)

@@ -432,7 +432,7 @@ def markdown_tables(records: list[dict]) -> str:
             flag = " (exact sqrt)" if r["err_vs"].startswith("exact") else ""
             cells.append(
                 [
-                    record_label(r) + ("" if r["kind"] == "backend" else " *"),
+                    record_label(r) + _marker(r),
                     str(r["B"]),
                     str(r["C"]),
                     str(r["N"]),
@@ -498,6 +498,13 @@ def write_plot(records: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _marker(record: dict) -> str:
+    """Table mark of a row: none for a backend, * for a re-stated baseline, † for the original code."""
+    if record["kind"] == "backend":
+        return ""
+    return " †" if record["backend"].startswith("upstream-") else " *"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     names = ", ".join(m.label for m in args.methods if m.kind == "backend")
@@ -510,7 +517,8 @@ def main(argv=None) -> list[dict]:
     records = run(args)
     print(markdown_tables(records))
     print(
-        "\n* baseline (a re-statement of the published method; docs/benchmark.md). "
+        "\n* baseline: a re-statement of the published method (docs/benchmark.md); "
+        "† the original project's code, imported from the checkout given with --upstream-*. "
         + (
             "peak MB: bytes saved for backward."
             if args.device.type != "cuda"

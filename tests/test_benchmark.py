@@ -301,7 +301,10 @@ def _fake_checkout(root, files):
 
 
 def test_upstream_options_with_a_fake_checkout(tmp_path, capsys):
-    root = _fake_checkout(tmp_path / "up", {"models/resnet.py": FAKE_3G, "src/representation/MPNCOV.py": FAKE_MPNCOV})
+    # laid out as the published repositories are: 3G-Net's head in models/ResNet_3G.py
+    root = _fake_checkout(
+        tmp_path / "up", {"models/ResNet_3G.py": FAKE_3G, "src/representation/MPNCOV.py": FAKE_MPNCOV}
+    )
     out_json = tmp_path / "up.json"
     main(
         [
@@ -335,13 +338,14 @@ def test_upstream_options_with_a_fake_checkout(tmp_path, capsys):
         _check_schema(r)
         assert r["max_rel_err"] < 1e-5, r  # each checked against the reference with its own eps and order
     assert set(records["reference"]["speedup_vs"]) == {"upstream-3g", "upstream-mpncov"}
-    assert "upstream-mpncov" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "upstream-mpncov †" in out and "upstream-3g †" in out and "upstream-3g *" not in out
 
 
 def test_upstream_options_say_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--upstream-3g", str(tmp_path / "nowhere")])
-    assert "models/resnet.py" in capsys.readouterr().err
+    assert "models/ResNet_3G.py or models/resnet.py" in capsys.readouterr().err
     broken = _fake_checkout(tmp_path / "broken", {"models/resnet.py": "def cov_forward(x):\n    return x\n"})
     with pytest.raises(SystemExit):
         main(["--upstream-3g", str(broken)])
