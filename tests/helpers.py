@@ -1,15 +1,90 @@
-"""Shared pieces of the backend tests: one upstream gradient per case, every gradient compared."""
+"""Shared pieces of the backend tests: the backend x device parametrisation, one upstream gradient per case,
+every gradient compared against reference.py."""
 
 from __future__ import annotations
 
+import itertools
+from typing import Callable, Iterable, Optional, Sequence
+
+import pytest
 import torch
 
 import threeg_kernels
+from threeg_kernels import dispatch
 
 # Tolerances are max |a - b| / max |b| against reference.py, per compute dtype.
 # Measured (CPU, 2026-11-26, torch backend, shapes up to (2, 256, 196), iters <= 5, weight on/off):
 #   float32: <= 8.4e-7 (the float32 reference itself is 1.5e-6 from float64), float64: <= 3.8e-15.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+DEVICES = ("cpu", "cuda")
+# The backends with a registered op pair threeg::cov_pool_<name>_forward / _backward ('reference' is plain
+# PyTorch differentiated by autograd).
+OP_BACKENDS = tuple(b for b in dispatch.BACKENDS if b != "reference")
+
+_NO_CUDA = not torch.cuda.is_available()
+
+
+# --- the backend x device matrix ------------------------------------------------------------------------
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Triton on CPU runs under its interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), where every
+    (program x reduction step) costs milliseconds: such a target gets tiny shapes (C <= 32, B <= 2)."""
+    return backend == "triton" and device == "cpu"
+
+
+def _marks(backend: str, device: str) -> list:
+    """`cuda` on CUDA targets (so that `pytest -m cuda` selects them) and a skip naming why a target cannot run:
+    no CUDA device, or the reason dispatch gives for the backend on that device."""
+    marks = []
+    if device == "cuda":
+        marks += [pytest.mark.cuda, pytest.mark.skipif(_NO_CUDA, reason="needs a CUDA device")]
+        if _NO_CUDA:
+            return marks
+    reason = dispatch.unavailable_reason(backend, device)
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=f"backend {backend!r} unavailable on {device}: {reason}"))
+    return marks
+
+
+def param_id(value) -> str:
+    """A readable test id: 2x20x33 for a shape, float32 for a dtype."""
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value).replace("torch.", "")
+
+
+def backends_and_devices(
+    backends: Sequence[str] = dispatch.BACKENDS,
+    cases: Optional[Callable[[str, str], Iterable[tuple]]] = None,
+) -> list:
+    """pytest.param(backend, device, *case) for every backend x device, as torchvision's cpu_and_cuda():
+    CUDA targets carry the `cuda` mark and skip without a CUDA device; a backend unavailable on a device is
+    skipped with dispatch's reason. `cases(backend, device)` gives the per-target cases, tuples or
+    pytest.param with marks of their own (e.g. a shape set that is smaller under the Triton interpreter);
+    a target with no cases gets no parameter."""
+    params = []
+    for device in DEVICES:
+        for backend in backends:
+            for case in cases(backend, device) if cases else [()]:
+                values, marks = (case.values, list(case.marks)) if hasattr(case, "marks") else (tuple(case), [])
+                ident = "-".join([backend, device, *map(param_id, values)])
+                params.append(pytest.param(backend, device, *values, marks=_marks(backend, device) + marks, id=ident))
+    return params
+
+
+def devices_for(backend: str, devices: Sequence[str] = DEVICES) -> list:
+    """pytest.param(device) for one backend's own tests, marked as in backends_and_devices."""
+    return [pytest.param(device, marks=_marks(backend, device), id=device) for device in devices]
+
+
+def product(*axes: Iterable) -> list[tuple]:
+    """The cases of every combination of the axes, for `cases` of backends_and_devices."""
+    return list(itertools.product(*axes))
+
+
+# --- one case, every gradient compared ------------------------------------------------------------------
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,44 +128,25 @@ def assert_close_to_reference(backend, x, weight, grad, rtol=None, **kw):
         assert err <= rtol, f"{backend} {name}: rel err {err:.2e} > {rtol:.0e}"
 
 
-def opcheck_pool_ops(name, *, weighted, save_iterates, iters, device="cpu", lower=True):
-    """torch.library.opcheck on a backend's op pair `threeg::<name>_forward` / `_backward` (float64)."""
-    fwd = getattr(torch.ops.threeg, f"{name}_forward")
-    bwd = getattr(torch.ops.threeg, f"{name}_backward")
+# --- the registered op pair -----------------------------------------------------------------------------
+
+
+def pool_ops(backend: str):
+    """The op pair threeg::cov_pool_<backend>_forward / _backward."""
+    return (
+        getattr(torch.ops.threeg, f"cov_pool_{backend}_forward"),
+        getattr(torch.ops.threeg, f"cov_pool_{backend}_backward"),
+    )
+
+
+def opcheck_pool_ops(backend, *, weighted, keep_iterates, iters, device="cpu", order="3g", precision="ieee"):
+    """torch.library.opcheck on a backend's op pair (float64, so every precision mode runs as ieee)."""
+    fwd, bwd = pool_ops(backend)
     x, w, g = make_case(2, 6, 7, weighted=weighted, dtype=torch.float64, device=device)
-    args = (x.requires_grad_(), None if w is None else w.requires_grad_(), iters, 1e-7, lower, save_iterates)
+    w = None if w is None else w.requires_grad_()
+    args = (x.requires_grad_(), w, iters, 1e-7, order, keep_iterates, precision)
     torch.library.opcheck(fwd.default, args)
     out, A, tr, iterates = fwd(*args)
-    bwd_args = (g, x.detach(), None if w is None else w.detach(), out.detach(), A, tr, iterates, iters, lower)
+    w = None if w is None else w.detach()
+    bwd_args = (g, x.detach(), w, out.detach(), A, tr, iterates, iters, order, precision)
     torch.library.opcheck(bwd.default, bwd_args)
-
-
-def assert_compiled_matches_eager(backend, device="cpu"):
-    """torch.compile(fullgraph=True) of cov_pool, forward and backward, equals eager."""
-    x, w, _ = make_case(2, 8, 10, weighted=True, dtype=torch.float32, device=device)
-    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend=backend).sum(-1) * 2  # noqa: E731
-    compiled = torch.compile(fn, fullgraph=True)
-    outs = []
-    for f in (fn, compiled):
-        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = f(xl, wl)
-        y.backward(torch.ones_like(y))
-        outs.append((y, xl.grad, wl.grad))
-    for a, b in zip(*outs):
-        # The same kernels run either way; measured <= 5.6e-8 (out), 0 (grads).
-        assert rel_err(a, b) <= RTOL[torch.float32]
-
-
-def assert_keep_equals_recompute(backend, module, monkeypatch, *, iters, device="cpu"):
-    """Keeping the iterates for the backward and recomputing them give the same results (float64).
-
-    `module` is the backend's module with the SAVE_ITERATES switch. Recomputing rounds step 1 from A
-    instead of from Sigma / tr: measured <= 6.6e-16.
-    """
-    x, w, g = make_case(2, 9, 11, weighted=True, dtype=torch.float64, seed=iters, device=device)
-    results = []
-    for keep in (True, False):
-        monkeypatch.setattr(module, "SAVE_ITERATES", keep)
-        results.append(run_pool(backend, x, w, g, iters=iters))
-    for a, b in zip(*results):
-        assert rel_err(a, b) <= 1e-13

@@ -27,18 +27,27 @@ X = torch.randn(2, 4, 3, 3)
         (X, torch.rand(3, 3, 3), {}, ValueError, r"weight must have shape .*got \(3, 3, 3\)"),
         (X, torch.rand(2, 4, 3, 3), {}, ValueError, r"weight must have shape .*got \(2, 4, 3, 3\)"),
         (X, torch.rand(2, 8), {}, ValueError, r"weight must have shape .*\(2, 9\).*got \(2, 8\)"),
-        (X, torch.rand(2, 3, 3, dtype=torch.float64), {}, TypeError, r"weight must have the dtype of x \(torch.float32\).*float64"),
+        (
+            X,
+            torch.rand(2, 3, 3, dtype=torch.float64),
+            {},
+            TypeError,
+            r"weight must have the dtype of x \(torch.float32\).*float64",
+        ),
         (X, torch.rand(2, 3, 3, device="meta"), {}, ValueError, r"weight must be on the device of x \(cpu\).*meta"),
         (X, "w", {}, TypeError, r"weight must be a torch.Tensor or None; got str"),
         (X, None, {"order": "lower"}, ValueError, r"order must be one of .*'lower'"),
         (X, None, {"backend": "cudnn"}, ValueError, r"backend must be 'auto' or one of .*'cudnn'"),
         (X, None, {"backend": 3}, TypeError, r"backend must be a str"),
-        (X, None, {"iters": 0}, ValueError, r"iters must be >= 1; got 0"),
-        (X, None, {"iters": 2.0}, TypeError, r"iters must be an int >= 1; got 2.0"),
+        (X, None, {"iters": 0}, ValueError, r"iters must be in \[1, 20\].*; got 0"),
+        (X, None, {"iters": 21}, ValueError, r"iters must be in \[1, 20\].*; got 21"),
+        (X, None, {"iters": 2.0}, TypeError, r"iters must be an int in \[1, 20\]; got 2.0"),
         (X, None, {"iters": True}, TypeError, r"iters must be an int"),
         (X, None, {"eps": -1e-3}, ValueError, r"eps must be finite and >= 0; got -0.001"),
         (X, None, {"eps": float("nan")}, ValueError, r"eps must be finite"),
         (X, None, {"eps": "1e-7"}, TypeError, r"eps must be a real number"),
+        (X, None, {"keep_iterates": 1}, TypeError, r"keep_iterates must be True, False or None.*got 1 \(int\)"),
+        (X, None, {"keep_iterates": "no"}, TypeError, r"keep_iterates must be .*got 'no' \(str\)"),
     ],
 )
 def test_bad_inputs(x, weight, kwargs, exc, match):
@@ -47,10 +56,12 @@ def test_bad_inputs(x, weight, kwargs, exc, match):
 
 
 def test_module_checks_options_at_construction():
-    with pytest.raises(ValueError, match=r"iters must be >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"iters must be in \[1, 20\].*; got 0"):
         threeg_kernels.CovPool(iters=0)
     with pytest.raises(ValueError, match=r"backend must be .*'fast'"):
         threeg_kernels.CovPool(backend="fast")
+    with pytest.raises(TypeError, match=r"keep_iterates must be True, False or None.*got 0 \(int\)"):
+        threeg_kernels.CovPool(keep_iterates=0)
 
 
 def test_eps_zero_is_allowed():

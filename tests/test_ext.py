@@ -1,6 +1,7 @@
-"""The 'ext' backend (threeg_kernels._C, csrc/): its registered ops, their C++ errors, and the cases the
-spectral CPU route must get right (rank-deficient covariances, K = 1). The shared matrix of
-tests/test_cov_pool.py runs on it too. CUDA tests run natively when a GPU is present, else skip.
+"""The 'ext' backend (threeg_kernels._C, csrc/): what only it has. Its CUDA kernels compiled where nvcc is, the
+cases the spectral CPU route must get right (rank-deficient covariances, repeated eigenvalues), and the
+errors of its C++ checks. The cases every backend shares (reference, gradcheck, opcheck, compile, keep or
+recompute, CUDA) are in tests/test_backends.py.
 """
 
 from __future__ import annotations
@@ -11,28 +12,12 @@ import shutil
 import pytest
 import torch
 
-import threeg_kernels
 from threeg_kernels import dispatch
 
-from .helpers import (
-    assert_close_to_reference,
-    assert_compiled_matches_eager,
-    assert_keep_equals_recompute,
-    make_case,
-    opcheck_pool_ops,
-    rel_err,
-    run_pool,
-)
+from .helpers import assert_close_to_reference, devices_for, make_case, pool_ops
 
 _MISSING = dispatch.unavailable_reason("ext", "cpu")
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"extension threeg_kernels._C not built: {_MISSING}")
-
-_NO_GPU = not torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="needs a CUDA device")])]
-
-
-def _ops():
-    return torch.ops.threeg.cov_pool_ext_forward, torch.ops.threeg.cov_pool_ext_backward
 
 
 def test_cuda_kernels_compiled_where_the_toolchain_is():
@@ -41,36 +26,18 @@ def test_cuda_kernels_compiled_where_the_toolchain_is():
 
     if os.environ.get("THREEG_BUILD_CUDA") == "0" or not torch.version.cuda or shutil.which("nvcc") is None:
         pytest.skip("no CUDA toolchain here, or THREEG_BUILD_CUDA=0")
+    from threeg_kernels.backends import ext_impl
+
     assert _C.cuda_built()
-    assert dispatch.unavailable_reason("ext", "cuda") is None
+    # the backend's own verdict (dispatch says first whether a CUDA device exists in this process)
+    assert ext_impl.LOADED.unavailable_on(torch.device("cuda")) is None
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("save_iterates", [False, True])
-@pytest.mark.parametrize("iters", [1, 3])
-def test_opcheck(device, weighted, save_iterates, iters):
-    opcheck_pool_ops("cov_pool_ext", weighted=weighted, save_iterates=save_iterates, iters=iters, device=device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_matches_eager(device):
-    assert_compiled_matches_eager("ext", device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("iters", [1, 5])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_gradcheck(device, iters, weighted):
-    x, w, _ = make_case(2, 5, 7, weighted=weighted, dtype=torch.float64, seed=iters, device=device)
-    inputs = (x.requires_grad_(),) if w is None else (x.requires_grad_(), w.requires_grad_())
-    fn = lambda *t: threeg_kernels.cov_pool(*t, iters=iters, backend="ext")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices_for("ext"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 64, 20), (2, 256, 196), (2, 48, 2)])
+@pytest.mark.parametrize(
+    "shape", [(2, 64, 20), pytest.param((2, 256, 196), marks=pytest.mark.slow, id="2x256x196"), (2, 48, 2)]
+)
 @pytest.mark.parametrize("iters", [1, 5])
 def test_rank_deficient_matches_reference(device, dtype, shape, iters):
     """N < C: Sigma has rank N - 1 plus eps I, so most eigenvalues of A crowd at eps / tr."""
@@ -78,7 +45,7 @@ def test_rank_deficient_matches_reference(device, dtype, shape, iters):
     assert_close_to_reference("ext", x, w, g, iters=iters)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices_for("ext"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_repeated_eigenvalues_match_reference(device, dtype):
     """Exactly repeated channels: equal eigenvalues, where the divided differences become derivatives."""
@@ -88,65 +55,12 @@ def test_repeated_eigenvalues_match_reference(device, dtype):
     assert_close_to_reference("ext", x, w, g, iters=5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("iters", [1, 2, 5])
-def test_keep_and_recompute_give_the_same_gradients(device, iters, monkeypatch):
-    from threeg_kernels.backends import ext_impl
-
-    assert_keep_equals_recompute("ext", ext_impl, monkeypatch, iters=iters, device=device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_large_batch_runs_every_sample(device):
-    """More samples than threads / blocks: every sample's result is its own (no chunking slip)."""
-    x, w, g = make_case(9, 12, 15, weighted=True, dtype=torch.float64, device=device)
-    whole = run_pool("ext", x, w, g, iters=4)
-    for b in (0, 4, 8):
-        alone = run_pool("ext", x[b : b + 1], w[b : b + 1], g[b : b + 1], iters=4)
-        for a, s in zip(whole, alone):
-            assert rel_err(a[b : b + 1], s) <= 1e-13
-
-
-# --- the CUDA kernels on a GPU: the shared comparison matrix, natively ---------------------------------
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(_NO_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 7, 5), (4, 64, 49), (2, 100, 49), (2, 256, 196)])
-@pytest.mark.parametrize("iters", [1, 2, 5])
-@pytest.mark.parametrize("order", ["3g", "mpncov"])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_cuda_matches_reference(dtype, shape, iters, order, weighted):
-    x, w, g = make_case(*shape, weighted=weighted, dtype=dtype, seed=iters, device="cuda")
-    assert_close_to_reference("ext", x, w, g, iters=iters, order=order)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(_NO_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("weighted", [False, True])
-def test_cuda_non_contiguous(weighted):
-    x, w, g = make_case(2, 12, 10, weighted=weighted, dtype=torch.float32, non_contiguous=True, device="cuda")
-    if weighted:
-        w = torch.cat([w, w], dim=1)[:, ::2]
-    assert_close_to_reference("ext", x, w, g, iters=3)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(_NO_GPU, reason="needs a CUDA device")
-def test_cuda_non_finite_input_stays_in_its_sample():
-    x, w, _ = make_case(2, 6, 8, weighted=True, dtype=torch.float32, device="cuda")
-    x[1, 2, 3] = float("nan")
-    out = threeg_kernels.cov_pool(x, w, backend="ext")
-    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
-
-
 # --- errors raised by the C++ checks when the ops are called directly --------------------------------
 
 
 def _good_forward_args(**change):
     x, w, _ = make_case(2, 4, 5, weighted=True, dtype=torch.float32)
-    args = dict(x=x, weight=w, iters=3, eps=1e-7, lower=True, save_iterates=True)
+    args = dict(x=x, weight=w, iters=3, eps=1e-7, order="3g", keep_iterates=True, precision="ieee")
     args.update(change)
     return args
 
@@ -159,29 +73,44 @@ def _good_forward_args(**change):
         (dict(x=torch.randn(2, 4, 1)), r"x must have C >= 1 and N >= 2; got shape \[2, 4, 1\]"),
         (dict(weight=torch.rand(2, 6)), r"weight must have shape \(B, N\) = \(2, 5\).*got shape \[2, 6\]"),
         (dict(weight=torch.rand(2, 5, dtype=torch.float64)), r"weight must have the dtype and device of x.*Double"),
-        (dict(iters=0), r"iters must be >= 1; got 0"),
+        (dict(iters=0), r"iters must be in \[1, 20\]; got 0"),
+        (dict(iters=21), r"iters must be in \[1, 20\]; got 21"),
         (dict(eps=-1.0), r"eps must be >= 0; got -1"),
+        (dict(order="lower"), r"order must be '3g' or 'mpncov'; got 'lower'"),
+        (dict(precision="tf32"), r"precision must be 'ieee' .*got 'tf32'"),
     ],
 )
 def test_forward_errors_name_the_argument(change, match):
-    fwd, _ = _ops()
+    fwd, _ = pool_ops("ext")
     with pytest.raises(RuntimeError, match=match):
         fwd(**_good_forward_args(**change))
 
 
 def test_backward_errors_name_the_argument():
-    fwd, bwd = _ops()
+    fwd, bwd = pool_ops("ext")
     a = _good_forward_args()
     out, A, tr, iterates = fwd(**a)
-    good = dict(grad=torch.randn_like(out), x=a["x"], weight=a["weight"], out=out, A=A, tr=tr, iterates=iterates,
-                iters=3, lower=True)
+    good = dict(
+        grad=torch.randn_like(out),
+        x=a["x"],
+        weight=a["weight"],
+        out=out,
+        A=A,
+        tr=tr,
+        iterates=iterates,
+        iters=3,
+        order="3g",
+        precision="ieee",
+    )
     bwd(**good)  # the good call passes
     cases = [
         (dict(grad=torch.randn(2, 9)), r"grad must have shape \[2, 10\]; got shape \[2, 9\]"),
         (dict(A=A[:, :3]), r"A must have shape \[2, 4, 4\]"),
         (dict(tr=tr.double()), r"tr must have the dtype and device of x"),
         (dict(iterates=torch.randn(2, 7)), r"iterates must have shape \[2, 20\]; got shape \[2, 7\]"),
-        (dict(iters=0), r"iters must be >= 1"),
+        (dict(iters=0), r"iters must be in \[1, 20\]; got 0"),
+        (dict(order="upper"), r"order must be '3g' or 'mpncov'; got 'upper'"),
+        (dict(precision="bf16"), r"precision must be 'ieee' .*got 'bf16'"),
     ]
     for change, match in cases:
         with pytest.raises(RuntimeError, match=match):

@@ -1,11 +1,14 @@
-"""The "triton" backend against reference.py: output, dL/dx and dL/dweight; opcheck; torch.compile.
+"""The "triton" backend: what only it has. Multi-tile launches, features far from zero mean, the matmul
+precision modes, where it may run, the GPU compiler's verdict on every kernel, and the full head on a GPU.
+The cases every backend shares (reference, gradcheck, opcheck, compile, keep or recompute) are in
+tests/test_backends.py.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it), on tiny shapes:
 every (program x reduction step) costs ~4 ms there. With a GPU the same tests run natively ("cuda"
 cases), plus the full head (B=64, C=256, N=196).
 
 Measured on CPU under the interpreter (2026-11-26), max |a - b| / max |b| against reference.py in the
-input's dtype, over the cases of test_matches_reference and test_multi_tile:
+input's dtype, over the cases of test_matches_reference (now in tests/test_backends.py) and test_multi_tile:
     float32: out 4.0e-7, dx 7.8e-7, dweight 6.1e-7 (RTOL 1e-5);
     float64: out 1.1e-14, dx 1.2e-14, dweight 1.5e-14 (RTOL 1e-12).
 """
@@ -21,28 +24,15 @@ import pytest
 import torch
 
 import threeg_kernels
-from threeg_kernels import dispatch, reference
+from threeg_kernels import dispatch
 
-from .helpers import (
-    assert_close_to_reference,
-    assert_compiled_matches_eager,
-    assert_keep_equals_recompute,
-    make_case,
-    opcheck_pool_ops,
-    rel_err,
-    run_pool,
-)
+from .helpers import assert_close_to_reference, devices_for, make_case, opcheck_pool_ops, rel_err, run_pool
 
 triton_impl = pytest.importorskip("threeg_kernels.backends.triton_impl")
-from threeg_kernels.ops import _tiles  # noqa: E402 - needs Triton, which the line above checks
-
-DEVICES = [d for d in ("cpu", "cuda") if dispatch.unavailable_reason("triton", d) is None]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="the triton backend runs on no device here")
+from threeg_kernels.triton_kernels import _tiles  # noqa: E402 - needs Triton, which the line above checks
 
 
-# The marker sits on the parameter (not applied in the fixture) so that `pytest -m cuda` selects it.
-@pytest.fixture(params=[pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
+@pytest.fixture(params=devices_for("triton"))
 def device(request):
     return request.param
 
@@ -52,34 +42,29 @@ def small_tiles(monkeypatch):
     """16-wide tiles, so that C = 33 spans 3 x 3 tiles (mirrored stores, masked edges, several k-steps)."""
 
     def config(x, weight, iters, precision="ieee"):
-        return _tiles.LaunchConfig(16, 16, 16, 4, 1, "ieee" if x.dtype == torch.float64 else precision,
-                                   _tiles.INTERPRET)
+        return _tiles.LaunchConfig(
+            16, 16, 16, 4, 1, "ieee" if x.dtype == torch.float64 else precision, _tiles.INTERPRET
+        )
 
     monkeypatch.setattr(triton_impl, "config_for", config)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 7, 5), (2, 20, 33)])
-@pytest.mark.parametrize("iters", [1, 2, 5])
-@pytest.mark.parametrize("order", ["3g", "mpncov"])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_matches_reference(device, dtype, shape, iters, order, weighted):
-    x, w, g = make_case(*shape, weighted=weighted, dtype=dtype, seed=iters, device=device)
-    assert_close_to_reference("triton", x, w, g, iters=iters, order=order)
-
-
 @pytest.mark.parametrize(
-    "dtype, iters, save_iterates",
-    [(torch.float32, 1, True), (torch.float32, 3, True), (torch.float32, 3, False), (torch.float64, 2, True)],
+    "dtype, iters, keep_iterates",
+    [
+        (torch.float32, 1, True),
+        (torch.float32, 3, True),
+        pytest.param(torch.float32, 3, False, marks=pytest.mark.slow),  # 5-11 s under the interpreter
+        (torch.float64, 2, True),
+    ],
 )
-def test_multi_tile(device, small_tiles, monkeypatch, dtype, iters, save_iterates):
+def test_multi_tile(device, small_tiles, dtype, iters, keep_iterates):
     """Several tiles per side, strided x and weight, kept or recomputed iterates."""
-    monkeypatch.setattr(triton_impl, "SAVE_ITERATES", save_iterates)
     x, w, g = make_case(1, 33, 50, weighted=True, dtype=dtype, seed=iters, non_contiguous=True, device=device)
     w = torch.cat([w, w], dim=1)[:, ::2]
     assert not x.is_contiguous() and not w.is_contiguous()
     for order in ("3g", "mpncov"):
-        assert_close_to_reference("triton", x, w, g, iters=iters, order=order)
+        assert_close_to_reference("triton", x, w, g, iters=iters, order=order, keep_iterates=keep_iterates)
 
 
 def test_large_mean_does_not_cancel(device, small_tiles):
@@ -96,64 +81,10 @@ def test_large_mean_does_not_cancel(device, small_tiles):
     assert max(errs) <= 1e-4, errs
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_non_contiguous(device, weighted):
-    x, w, g = make_case(2, 12, 10, weighted=weighted, dtype=torch.float32, non_contiguous=True, device=device)
-    assert not x.is_contiguous()
-    if weighted:
-        w = torch.cat([w, w], dim=1)[:, ::2]
-        assert not w.is_contiguous()
-    assert_close_to_reference("triton", x, w, g, iters=3)
-
-
-@pytest.mark.parametrize("iters", [1, 2, 5])
-def test_keep_and_recompute_give_the_same_gradients(device, iters, monkeypatch):
-    assert_keep_equals_recompute("triton", triton_impl, monkeypatch, iters=iters, device=device)
-
-
-def test_orders_pinned_3x3(device):
-    """The packed output, read in each order, is the pinned entries of the full matrix S."""
-    x, w, _ = make_case(1, 3, 6, weighted=True, dtype=torch.float64, device=device)
-    A, tr = reference.trace_normalise(reference.weighted_covariance(x, w))
-    S = (tr.sqrt() * reference.newton_schulz(A, 5))[0]
-    lower = [S[0, 0], S[1, 0], S[1, 1], S[2, 0], S[2, 1], S[2, 2]]
-    upper = [S[0, 0], S[0, 1], S[0, 2], S[1, 1], S[1, 2], S[2, 2]]
-    for order, entries in (("3g", lower), ("mpncov", upper)):
-        got = threeg_kernels.cov_pool(x, w, order=order, backend="triton")[0]
-        assert rel_err(got, torch.stack(entries)) <= 1e-12
-
-
-def test_half_input_computed_in_float32(device):
-    x, w, g = make_case(2, 16, 20, weighted=True, dtype=torch.bfloat16, device=device)
-    out, dx, dw = run_pool("triton", x, w, g, iters=5)
-    assert out.dtype == dx.dtype == dw.dtype == torch.bfloat16
-    want = run_pool("reference", x.float(), w.float(), g.float(), iters=5)
-    for got, ref in zip((out, dx, dw), want):
-        assert rel_err(got, ref) <= 1e-2  # only the final rounding to bf16 (unit roundoff 2^-8) differs
-
-
-@pytest.mark.parametrize("iters, weighted", [(1, False), (3, True)])
-def test_gradcheck(device, iters, weighted):
-    """float64 finite differences against the hand-written backward."""
-    x, w, _ = make_case(1, 4, 6, weighted=weighted, dtype=torch.float64, seed=iters, device=device)
-    inputs = (x.requires_grad_(),) if w is None else (x.requires_grad_(), w.requires_grad_())
-    fn = lambda *t: threeg_kernels.cov_pool(*t, iters=iters, backend="triton")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@pytest.mark.parametrize("weighted, save_iterates, iters", [(False, False, 1), (True, True, 3), (True, False, 2)])
-def test_opcheck(device, weighted, save_iterates, iters):
-    opcheck_pool_ops("cov_pool_triton", weighted=weighted, save_iterates=save_iterates, iters=iters, device=device)
-
-
 @pytest.mark.parametrize("precision", [p for p in _tiles.PRECISIONS if p != "ieee"])
-def test_opcheck_precision_ops(device, precision):
-    """The op pair of each opt-in mode is registered like the default one (float64 runs them as ieee)."""
-    opcheck_pool_ops(f"cov_pool_triton_{precision}", weighted=True, save_iterates=True, iters=2, device=device)
-
-
-def test_compile_fullgraph_matches_eager(device):
-    assert_compiled_matches_eager("triton", device)
+def test_opcheck_precision_modes(device, precision):
+    """The one op pair takes every mode as its `precision` argument (float64 runs them as ieee)."""
+    opcheck_pool_ops("triton", weighted=True, keep_iterates=True, iters=2, device=device, precision=precision)
 
 
 # --- precision modes ---------------------------------------------------------------------------------
@@ -219,6 +150,7 @@ def test_never_auto_on_cpu():
 # --- the GPU compiler, without a GPU -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tests above compile every kernel anyway")
 def test_kernels_compile_for_sm90():
     """Every kernel of one fp32 forward+backward, in the "ieee" and "tf32x3" modes with the default launch
@@ -228,7 +160,11 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-m", "tests.triton_compile_check", "--quick", "--arch", "90", "--max-spill", "0"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "variants for sm_90, 0 failed" in run.stdout
@@ -237,20 +173,18 @@ def test_kernels_compile_for_sm90():
 # --- CUDA only: the real head --------------------------------------------------------------------------
 
 
-@cuda_only
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", devices_for("triton", ["cuda"]))
 @pytest.mark.parametrize("weighted", [False, True])
-def test_full_shape_cuda(weighted):
-    x, w, g = make_case(64, 256, 196, weighted=weighted, dtype=torch.float32, device="cuda")
+def test_full_shape_cuda(device, weighted):
+    x, w, g = make_case(64, 256, 196, weighted=weighted, dtype=torch.float32, device=device)
     assert_close_to_reference("triton", x, w, g, iters=5)
 
 
-@cuda_only
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", devices_for("triton", ["cuda"]))
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32", "bf16"])
-def test_full_shape_cuda_fast_modes(precision):
+def test_full_shape_cuda_fast_modes(device, precision):
     # Emulated under the interpreter at (1, 256, 196): tf32x3 9.2e-7, tf32 1.2e-3, bf16 9.9e-3 (docs/triton.md).
-    x, w, g = make_case(8, 256, 196, weighted=True, dtype=torch.float32, device="cuda")
+    x, w, g = make_case(8, 256, 196, weighted=True, dtype=torch.float32, device=device)
     got = run_pool("triton", x, w, g, iters=5, precision=precision)
     want = run_pool("reference", x.double(), w.double(), g.double(), iters=5)
     errs = [rel_err(a, b) for a, b in zip(got, want)]

@@ -1,4 +1,4 @@
-"""Launch-config tuning of the "triton" backend (threeg_kernels/ops/tuning.py).
+"""Launch-config tuning of the "triton" backend (threeg_kernels/triton_kernels/tuning.py).
 
 On CPU: the choice logic with fake timings, the cache and its switches (a stand-in CUDA tensor: only
 shape, device and dtype are read), and every GPU candidate config run under the interpreter against
@@ -13,14 +13,10 @@ import types
 import pytest
 import torch
 
-from threeg_kernels import dispatch
-
-from .helpers import assert_close_to_reference, make_case
+from .helpers import assert_close_to_reference, devices_for, make_case
 
 triton_impl = pytest.importorskip("threeg_kernels.backends.triton_impl")
-from threeg_kernels.ops import _tiles, tuning  # noqa: E402 - needs Triton, which the line above checks
-
-DEVICES = [d for d in ("cpu", "cuda") if dispatch.unavailable_reason("triton", d) is None]
+from threeg_kernels.triton_kernels import _tiles, tuning  # noqa: E402 - needs Triton, which the line above checks
 
 
 def cfg(block, block_k=16, block_n=16, warps=4, stages=1):
@@ -70,7 +66,9 @@ def test_choose_raises_when_every_config_fails():
 
 
 @pytest.mark.parametrize("c, n", [(7, 5), (40, 33), (256, 196)])
-@pytest.mark.parametrize("dtype, precision", [(torch.float32, "ieee"), (torch.float32, "bf16"), (torch.float64, "tf32")])
+@pytest.mark.parametrize(
+    "dtype, precision", [(torch.float32, "ieee"), (torch.float32, "bf16"), (torch.float64, "tf32")]
+)
 def test_gpu_candidates_are_valid(monkeypatch, c, n, dtype, precision):
     monkeypatch.setattr(tuning, "INTERPRET", False)
     monkeypatch.setattr(_tiles, "INTERPRET", False)
@@ -157,8 +155,9 @@ def _gpu_candidates(c, n, monkeypatch):
         return tuning.candidates(c, n, torch.float32, "ieee")
 
 
-# CPU (interpreter) and/or CUDA, whichever runs Triton here; the CUDA case is selected by `pytest -m cuda`.
-@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d for d in DEVICES])
+# CPU (interpreter) and CUDA, each skipped where Triton does not run; the CUDA case is selected by `pytest -m cuda`.
+@pytest.mark.slow  # 7-10 s under the interpreter
+@pytest.mark.parametrize("device", devices_for("triton"))
 def test_every_gpu_candidate_matches_reference(monkeypatch, device):
     """Each tile shape the tuner may pick computes the head correctly (C = 40 spans 1 or 2 tiles a side
     depending on the candidate; N = 33 spans 1 or 2 N-tiles)."""
@@ -166,20 +165,25 @@ def test_every_gpu_candidate_matches_reference(monkeypatch, device):
     assert len({(c.block, c.block_k, c.block_n) for c in configs}) >= 3
     x, w, g = make_case(2, 40, 33, weighted=True, dtype=torch.float32, seed=3, device=device)
     for config in configs:
-        config = _tiles.LaunchConfig(config.block, config.block_k, config.block_n, config.num_warps,
-                                     config.num_stages, config.precision, _tiles.INTERPRET)
+        config = _tiles.LaunchConfig(
+            config.block,
+            config.block_k,
+            config.block_n,
+            config.num_warps,
+            config.num_stages,
+            config.precision,
+            _tiles.INTERPRET,
+        )
         monkeypatch.setattr(triton_impl, "config_for", lambda *args, _c=config: _c)
         assert_close_to_reference("triton", x, w, g, iters=3)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or dispatch.unavailable_reason("triton", "cuda") is not None,
-                    reason="needs CUDA and a working Triton driver")
-def test_tuning_on_the_gpu(fresh_cache, monkeypatch):
+@pytest.mark.parametrize("device", devices_for("triton", ["cuda"]))
+def test_tuning_on_the_gpu(fresh_cache, monkeypatch, device):
     """A real tuning run on the full channel count: every candidate timed or its failure recorded, the chosen
     config is the fastest, and the tuned head matches the reference."""
     monkeypatch.delenv(tuning.ENV, raising=False)
-    x, w, g = make_case(8, 256, 196, weighted=True, dtype=torch.float32, seed=1, device="cuda")
+    x, w, g = make_case(8, 256, 196, weighted=True, dtype=torch.float32, seed=1, device=device)
     assert_close_to_reference("triton", x, w, g, iters=5)
     (record,) = tuning.tuned()
     timed = [c for c in record["candidates"] if "ms" in c]

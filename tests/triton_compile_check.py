@@ -4,7 +4,7 @@
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels on CPU but checks little of what the GPU
 compiler demands (dot shapes, dtypes of both branches, register and shared-memory budgets). This
-script runs the host launchers of threeg_kernels/ops with the launch settings of a GPU, records
+script runs the host launchers of threeg_kernels/triton_kernels with the launch settings of a GPU, records
 every launch instead of running it, and compiles each distinct (kernel, signature, constexprs) to a
 cubin for the given sm_<arch> with Triton's bundled ptxas. It prints the registers spilled and the
 shared memory of each, and exits non-zero if any fails. It must run without TRITON_INTERPRET.
@@ -23,11 +23,11 @@ import torch
 def _capture_launches(scenarios, all_candidates=False):
     """[(kernel, args, kwargs)] of every launch the launchers make for the scenarios (nothing runs).
 
-    Each scenario runs with the default launch config, or with every tuning candidate (ops/tuning.py)."""
+    Each scenario runs with the default launch config, or with every tuning candidate (triton_kernels/tuning.py)."""
     from triton.runtime.jit import JITFunction
 
-    from threeg_kernels.ops import _tiles, tuning
-    from threeg_kernels.ops.head import head_backward, head_forward
+    from threeg_kernels.triton_kernels import _tiles, tuning
+    from threeg_kernels.triton_kernels.head import head_backward, head_forward
 
     launches = []
 
@@ -39,8 +39,11 @@ def _capture_launches(scenarios, all_candidates=False):
     try:
         for dtype, precision, weighted, iters, keep, lower in scenarios:
             b, c, n = 2, 256, 196
-            configs = tuning.candidates(c, n, dtype, precision) if all_candidates else [
-                _tiles.launch_config(c, n, dtype, precision)]
+            configs = (
+                tuning.candidates(c, n, dtype, precision)
+                if all_candidates
+                else [_tiles.launch_config(c, n, dtype, precision)]
+            )
             for cfg in configs:
                 x = torch.zeros(b, c, n, dtype=dtype)
                 w = torch.zeros(b, n, dtype=dtype) if weighted else None
@@ -97,8 +100,9 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        report = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", os.devnull, f.name],
-                                capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [ptxas, f"-arch={arch}", "-v", "-o", os.devnull, f.name], capture_output=True, text=True, check=True
+        ).stderr
     regs = max((int(r) for r in re.findall(r"Used (\d+) registers", report)), default=0)
     spills = sum(int(r) for r in re.findall(r"(\d+) bytes spill stores", report))
     return regs, spills
@@ -107,12 +111,21 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
-    parser.add_argument("--quick", action="store_true",
-                        help="float32 ieee and tf32x3 defaults, one scenario each (24 kernels)")
-    parser.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
-                        help="fail a variant whose registers spill more than BYTES to local memory")
-    parser.add_argument("--candidates", action="store_true",
-                        help="every tuning candidate of ops/tuning.py instead of the default config only")
+    parser.add_argument(
+        "--quick", action="store_true", help="float32 ieee and tf32x3 defaults, one scenario each (24 kernels)"
+    )
+    parser.add_argument(
+        "--max-spill",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="fail a variant whose registers spill more than BYTES to local memory",
+    )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="every tuning candidate of triton_kernels/tuning.py instead of the default config only",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -127,9 +140,13 @@ def main(argv=None) -> int:
     else:
         scenarios = [
             (dtype, precision, weighted, iters, keep, lower)
-            for dtype, precision in [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32"),
-                                     (torch.float32, "bf16"),
-                                     (torch.float64, "ieee")]
+            for dtype, precision in [
+                (torch.float32, "ieee"),
+                (torch.float32, "tf32x3"),
+                (torch.float32, "tf32"),
+                (torch.float32, "bf16"),
+                (torch.float64, "ieee"),
+            ]
             for weighted in (False, True)
             for iters, keep, lower in [(1, True, True), (3, True, False), (3, False, True)]
         ]
@@ -138,8 +155,12 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     for fn, largs, kwargs in _capture_launches(scenarios, args.candidates):
         sig, constexprs, options = _signature(fn, largs, kwargs)
-        key = (fn.__name__, tuple(sig.items()), tuple(sorted((k[0], str(v)) for k, v in constexprs.items())),
-               tuple(sorted(options.items())))
+        key = (
+            fn.__name__,
+            tuple(sig.items()),
+            tuple(sorted((k[0], str(v)) for k, v in constexprs.items())),
+            tuple(sorted(options.items())),
+        )
         if key in seen:
             continue
         seen.add(key)
@@ -160,8 +181,10 @@ def main(argv=None) -> int:
             continue
         if meta.shared > shared_limit:
             failures += 1
-            print(f"FAIL {label}\n     needs {meta.shared} B of shared memory; sm_{args.arch} has "
-                  f"{shared_limit} B per block")
+            print(
+                f"FAIL {label}\n     needs {meta.shared} B of shared memory; sm_{args.arch} has "
+                f"{shared_limit} B per block"
+            )
             continue
         print(f"ok   {time.time() - start:4.1f}s shared={meta.shared:6d} B regs={regs:3d} spill={spills:5d} B  {label}")
     print(f"{len(seen)} variants for sm_{args.arch}, {failures} failed, {spilled} spill registers to local memory")

@@ -1,0 +1,252 @@
+"""Every backend on every device against reference.py: one matrix of the cases all backends share.
+
+Each test is parametrised by (backend, device) from tests/helpers.py: CUDA targets are marked `cuda` and
+skip without a CUDA device; a backend unavailable on a device skips with the reason threeg_kernels.dispatch
+gives. 'triton' on CPU runs under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there
+is no GPU), where it is slow: the per-target case sets below give it tiny shapes (C <= 32, B <= 2).
+What only one backend has is tested in tests/test_ext.py and tests/test_triton.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import threeg_kernels
+from threeg_kernels import dispatch, reference
+
+from .helpers import (
+    OP_BACKENDS,
+    RTOL,
+    assert_close_to_reference,
+    backends_and_devices,
+    interpreted,
+    make_case,
+    opcheck_pool_ops,
+    param_id,
+    product,
+    rel_err,
+    run_pool,
+)
+
+DTYPES = (torch.float32, torch.float64)
+ORDERS = ("3g", "mpncov")
+WEIGHTED = (False, True)
+
+
+def _shapes(backend, device):
+    """(B, C, N) of the comparison matrix. The real head (C = 256, N = 14 * 14) is in the CUDA set; on CPU it is
+    test_matches_reference_full_size (slow)."""
+    if interpreted(backend, device):
+        return [(2, 7, 5), (2, 20, 33)]
+    return [(3, 7, 5), (4, 64, 49), (2, 100, 49)] + ([(2, 256, 196)] if device == "cuda" else [])
+
+
+def _iters(backend, device):
+    return [1, 2, 5] if interpreted(backend, device) else [1, 2, 3, 5]
+
+
+@pytest.mark.parametrize(
+    "backend, device, shape, iters",
+    backends_and_devices(OP_BACKENDS, lambda b, d: product(_shapes(b, d), _iters(b, d))),
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("weighted", WEIGHTED, ids=["unweighted", "weighted"])
+def test_matches_reference(backend, device, shape, iters, dtype, order, weighted):
+    x, w, g = make_case(*shape, weighted=weighted, dtype=dtype, seed=iters, device=device)
+    assert_close_to_reference(backend, x, w, g, iters=iters, order=order)
+
+
+def _full_size(backend, device):
+    """On CPU, natively: the CUDA targets have the full size in their comparison matrix, and the Triton
+    interpreter is too slow for it."""
+    return [()] if device == "cpu" and not interpreted(backend, device) else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS, _full_size))
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("weighted", WEIGHTED, ids=["unweighted", "weighted"])
+def test_matches_reference_full_size(backend, device, dtype, weighted):
+    """The real head: C = 256, N = 14 * 14, K = 5."""
+    x, w, g = make_case(2, 256, 196, weighted=weighted, dtype=dtype, device=device)
+    assert_close_to_reference(backend, x, w, g, iters=5)
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+@pytest.mark.parametrize("weighted", WEIGHTED, ids=["unweighted", "weighted"])
+def test_non_contiguous(backend, device, weighted):
+    x, w, g = make_case(2, 12, 10, weighted=weighted, dtype=torch.float32, non_contiguous=True, device=device)
+    assert not x.is_contiguous()
+    if weighted:
+        w = torch.cat([w, w], dim=1)[:, ::2]  # a strided weight too
+        assert not w.is_contiguous()
+    assert_close_to_reference(backend, x, w, g, iters=3)
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+def test_4d_input_and_weight_layouts(backend, device):
+    """(B, C, H, W) with weight (B, 1, H, W), (B, H, W) and (B, N) all equal the (B, C, N) call."""
+    x, w, g = make_case(2, 6, 12, weighted=True, dtype=torch.float64, device=device)
+    want = threeg_kernels.cov_pool(x, w, backend=backend)
+    x4 = x.reshape(2, 6, 3, 4)
+    for weight in (w.reshape(2, 1, 3, 4), w.reshape(2, 3, 4), w):
+        got = threeg_kernels.cov_pool(x4, weight, backend=backend)
+        assert got.shape == (2, 21)
+        assert rel_err(got, want) <= RTOL[torch.float64]
+
+
+def _gradcheck_cases(backend, device):
+    """(shape, iters, weighted)."""
+    if interpreted(backend, device):
+        return [((1, 4, 6), 1, False), pytest.param((1, 4, 6), 3, True, marks=pytest.mark.slow)]  # 10-14 s
+    return product([(2, 5, 7)], [1, 2, 5], WEIGHTED)
+
+
+@pytest.mark.parametrize("backend, device, shape, iters, weighted", backends_and_devices(OP_BACKENDS, _gradcheck_cases))
+def test_gradcheck(backend, device, shape, iters, weighted):
+    """float64 finite differences against the hand-written backward."""
+    x, w, _ = make_case(*shape, weighted=weighted, dtype=torch.float64, seed=iters, device=device)
+    inputs = (x.requires_grad_(),) if w is None else (x.requires_grad_(), w.requires_grad_())
+    fn = lambda *t: threeg_kernels.cov_pool(*t, iters=iters, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=param_id)
+def test_half_inputs_computed_in_float32(backend, device, dtype):
+    """fp16/bf16 in: computed in fp32, result cast back; equals the fp32 reference rounded."""
+    x, w, g = make_case(2, 16, 20, weighted=True, dtype=dtype, device=device)
+    out, dx, dw = run_pool(backend, x, w, g, iters=5)
+    assert out.dtype == dx.dtype == dw.dtype == dtype
+    want, want_dx, want_dw = run_pool("reference", x.float(), w.float(), g.float(), iters=5)
+    # Only the final rounding to the half type differs: its unit roundoff is 2^-11 (fp16), 2^-8 (bf16).
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for got, ref in ((out, want), (dx, want_dx), (dw, want_dw)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) <= tol
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+def test_autocast_bf16(backend, device):
+    """Under autocast the head still runs in fp32 on fp32 inputs (autocast is disabled inside)."""
+    x, w, _ = make_case(2, 16, 20, weighted=True, dtype=torch.float32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = threeg_kernels.cov_pool(x, w, backend=backend)
+    assert got.dtype == torch.float32
+    assert rel_err(got, threeg_kernels.cov_pool(x, w, backend="reference")) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+def test_non_finite_input_stays_in_its_sample(backend, device):
+    """As documented: NaN in one sample poisons that sample only."""
+    x, w, _ = make_case(2, 6, 8, weighted=True, dtype=torch.float32, device=device)
+    x[1, 2, 3] = float("nan")
+    out = threeg_kernels.cov_pool(x, w, backend=backend)
+    assert torch.isfinite(out[0]).all()
+    assert torch.isnan(out[1]).any()
+
+
+@pytest.mark.parametrize(
+    "backend, device", backends_and_devices(OP_BACKENDS, lambda b, d: [] if interpreted(b, d) else [()])
+)
+def test_large_batch_runs_every_sample(backend, device):
+    """More samples than threads / blocks: every sample's result is its own (no chunking slip). Not under the
+    Triton interpreter (B = 9)."""
+    x, w, g = make_case(9, 12, 15, weighted=True, dtype=torch.float64, device=device)
+    whole = run_pool(backend, x, w, g, iters=4)
+    for b in (0, 4, 8):
+        alone = run_pool(backend, x[b : b + 1], w[b : b + 1], g[b : b + 1], iters=4)
+        for a, s in zip(whole, alone):
+            assert rel_err(a[b : b + 1], s) <= 1e-13
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+def test_orders_pinned_3x3(backend, device):
+    """Every backend's output, read in each order, is the pinned entries of the full matrix S (docs/math.md (8))."""
+    x, w, _ = make_case(1, 3, 6, weighted=True, dtype=torch.float64, device=device)
+    A, tr = reference.trace_normalise(reference.weighted_covariance(x, w))
+    S = (tr.sqrt() * reference.newton_schulz(A, 5))[0]
+    lower = [S[0, 0], S[1, 0], S[1, 1], S[2, 0], S[2, 1], S[2, 2]]
+    upper = [S[0, 0], S[0, 1], S[0, 2], S[1, 1], S[1, 2], S[2, 2]]
+    for order, entries in (("3g", lower), ("mpncov", upper)):
+        got = threeg_kernels.cov_pool(x, w, order=order, backend=backend)[0]
+        assert rel_err(got, torch.stack(entries)) <= 1e-12
+
+
+# --- the registered op pair: opcheck, torch.compile, keep or recompute ----------------------------------
+
+
+def _opcheck_cases(backend, device):
+    """(weighted, keep_iterates, iters)."""
+    if interpreted(backend, device):
+        return [(False, False, 1), (True, True, 3), (True, False, 2)]
+    return product(WEIGHTED, [False, True], [1, 3])
+
+
+@pytest.mark.parametrize(
+    "backend, device, weighted, keep_iterates, iters", backends_and_devices(OP_BACKENDS, _opcheck_cases)
+)
+def test_opcheck(backend, device, weighted, keep_iterates, iters):
+    opcheck_pool_ops(backend, weighted=weighted, keep_iterates=keep_iterates, iters=iters, device=device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+def test_compile_fullgraph_matches_eager(backend, device):
+    """torch.compile(fullgraph=True) of cov_pool, forward and backward, equals eager."""
+    x, w, _ = make_case(2, 8, 10, weighted=True, dtype=torch.float32, device=device)
+    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend=backend).sum(-1) * 2  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    outs = []
+    for f in (fn, compiled):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = f(xl, wl)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xl.grad, wl.grad))
+    for a, b in zip(*outs):
+        # The same kernels run either way; measured <= 5.6e-8 (out), 0 (grads).
+        assert rel_err(a, b) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_keep_and_recompute_give_the_same_gradients(backend, device, iters):
+    """keep_iterates=True and False give the same results (float64; 'reference' ignores it). Recomputing
+    rounds step 1 from A instead of from Sigma / tr: measured <= 6.6e-16."""
+    x, w, g = make_case(2, 9, 11, weighted=True, dtype=torch.float64, seed=iters, device=device)
+    kept, recomputed = (run_pool(backend, x, w, g, iters=iters, keep_iterates=keep) for keep in (True, False))
+    for a, b in zip(kept, recomputed):
+        assert rel_err(a, b) <= 1e-13
+
+
+def _saved_elements(fn, x, w) -> int:
+    """How many tensor elements autograd keeps for the backward of fn(x, w)."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().requires_grad_(), w.detach().requires_grad_())
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+def test_keep_iterates_is_passed_on(backend, device):
+    """keep_iterates reaches the op, from cov_pool and from CovPool: keeping saves more for the backward than
+    recomputing, and None is the backend's default."""
+    x, w, _ = make_case(2, 6, 7, weighted=True, dtype=torch.float64, device=device)
+    saved = {}
+    for keep in (None, True, False):
+        saved[keep] = _saved_elements(
+            functools.partial(threeg_kernels.cov_pool, backend=backend, keep_iterates=keep), x, w
+        )
+        pool = threeg_kernels.CovPool(backend=backend, keep_iterates=keep)
+        assert _saved_elements(pool, x, w) == saved[keep], keep
+    assert saved[True] > saved[False]
+    assert saved[None] == saved[dispatch.resolve(backend, torch.device(device)).keep_iterates]
