@@ -7,7 +7,7 @@ import platform
 import torch
 
 import threeg_kernels
-from threeg_kernels import dispatch
+from threeg_kernels import autoselect, dispatch
 
 
 def _triton_version() -> str:
@@ -36,7 +36,10 @@ def main() -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         print(f"\ndevice {device} ({name})")
         ranked = dispatch.available_backends(device)
-        print(f"  auto picks: {ranked[0] if ranked else 'nothing'}")
+        if ranked and autoselect.measures(device):
+            print(f"  auto picks: measured per shape at first use (fixed order without measuring: {', '.join(ranked)})")
+        else:
+            print(f"  auto picks: {ranked[0] if ranked else 'nothing'}")
         for backend in dispatch.BACKENDS:
             reason = dispatch.unavailable_reason(backend, device)
             print(f"  {backend:<10} {'available' if reason is None else 'missing: ' + reason}")

@@ -7,19 +7,22 @@ raises that reason.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional
 
 import torch
 
+from . import autoselect
 from .backends import Loaded
 
 BACKENDS = ("reference", "torch", "triton", "ext")
 
 # Preference of backend="auto", fastest first, per device type. CPU: measured (docs/benchmark.md, "Measurement
 # log"). CUDA: a fixed order chosen by design (fused Triton kernels, then the extension's cuBLAS products, then
-# batched ATen), pending measurement on a GPU: no GPU has run these backends yet.
+# batched ATen), never measured on a GPU; 'auto' on CUDA measures per shape instead (autoselect.py) and uses
+# this order where it does not measure (THREEG_AUTO_TUNE=0, torch.compile, CUDA-graph capture) and for ties.
 AUTO_ORDER = {
     "cpu": ("ext", "torch", "reference"),
     "cuda": ("triton", "ext", "torch", "reference"),
@@ -100,11 +103,39 @@ def resolve(backend: str, device: torch.device) -> Loaded:
             check_backend(forced, arg="the environment variable THREEG_BACKEND")
             backend = forced
         else:
-            for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
-                if unavailable_reason(name, device) is None:
-                    return _LOADED[name][0]
-            raise BackendUnavailableError(f"no backend of threeg_kernels runs on device {device}")
+            return _resolve_auto(device)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available on {device}: {reason}")
     return _LOADED[backend][0]
+
+
+_AUTO: dict[tuple[str, ...], Loaded] = {}  # present backends' names -> what a measured 'auto' resolves to
+
+
+def _resolve_auto(device: torch.device) -> Loaded:
+    """'auto' on `device`: the first backend present in AUTO_ORDER or, where autoselect measures, a Loaded whose
+    pool asks autoselect.choose at each call (the choice depends on the call's shape)."""
+    names = tuple(n for n in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER) if unavailable_reason(n, device) is None)
+    if not names:
+        raise BackendUnavailableError(f"no backend of threeg_kernels runs on device {device}")
+    if not autoselect.measures(device):
+        return _LOADED[names[0]][0]
+    loaded = _AUTO.get(names)
+    if loaded is None:
+        backends = [_LOADED[n][0] for n in names]
+        loaded = _AUTO[names] = Loaded(
+            pool=functools.partial(_pool_auto, names),
+            unavailable_on=lambda device: None,
+            precisions=tuple(dict.fromkeys(p for b in backends for p in b.precisions)),
+            # what cov_pool's keep_iterates=None becomes: the default of the fixed order's first backend (every
+            # backend's default is True)
+            keep_iterates=backends[0].keep_iterates,
+        )
+    return loaded
+
+
+def _pool_auto(names: tuple[str, ...], x, weight, iters, eps, order, precision, keep_iterates):
+    available = {n: _LOADED[n][0] for n in names}
+    name, precision = autoselect.choose(x, weight, iters, precision, available)
+    return available[name].pool(x, weight, iters, eps, order, precision, keep_iterates)
