@@ -41,13 +41,14 @@ def cov_pool(
         x: features, (B, C, H, W) or (B, C, N); float16, bfloat16, float32 or float64. N = H*W >= 2.
         weight: optional spatial weights broadcast over channels: (B, 1, H, W), (B, H, W) or (B, N)
             for 4-d x; (B, 1, N) or (B, N) for 3-d x. Same dtype and device as x.
-        iters: Newton-Schulz steps K >= 1 (3G-Net uses 5, iSQRT-COV 3).
+        iters: Newton-Schulz steps K in [1, 20] (3G-Net uses 5, iSQRT-COV 3; docs/math.md, "How many steps").
         eps: >= 0, added to the diagonal of Sigma. eps > 0 makes trace(Sigma) >= C * eps > 0.
         order: '3g' (default; lower triangle row by row, the order the released ResNet-3G classifiers
             were trained on) or 'mpncov' (upper triangle row by row). Part of the interface: changing
             it silently breaks a trained classifier.
-        backend: 'auto' (the fastest backend present for x's device; the THREEG_BACKEND environment
-            variable overrides it), or one of 'reference', 'torch', 'triton', 'ext'.
+        backend: 'auto' (CPU: the fastest backend present, by a measured order; CUDA: measured per shape
+            on the user's GPU at first use, docs/autoselect.md; the THREEG_BACKEND environment variable
+            overrides it), or one of 'reference', 'torch', 'triton', 'ext'.
             `threeg_kernels.available_backends(device)` lists those present.
         precision: matmul inputs: 'ieee' (default; fp32-accurate), or the opt-in tensor-core modes
             'tf32x3' (three TF32 products per product: within the fp32 bound of 1e-5), 'tf32' or
