@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import threeg_kernels
-from benchmarks import baselines
+from benchmarks import baselines, flops
 from benchmarks.baselines import BASELINES
 from benchmarks.common import interleaved_ms, markdown_table, percentiles, saved_tensor_bytes, time_ms
-from benchmarks.flops import cov_pool_flops
+from benchmarks.flops import cov_pool_flops, floors, totals, triton_launches
 from benchmarks.pool_speed import RECORD_KEYS, main, present_backends, unsupported_options, write_json, write_plot
 from tests.helpers import make_case, rel_err
 from threeg_kernels import reference
@@ -39,6 +39,93 @@ def test_flops_hand_count():
     assert cov_pool_flops(256, 256, 196, 5, "full") == pytest.approx(220e9, rel=0.01)
     with pytest.raises(ValueError, match="mode"):
         cov_pool_flops(1, 2, 3, 1, "both")
+
+
+def test_triton_launch_model_hand_count():
+    # B=1, C=32, N=16, 16-wide tiles and steps: T = 2 tiles a side; a triangle of tiles is 3 of the 4.
+    # FLOPs: one tile product 2*16*16*32 = 16384; a product on a triangle of tiles 3 * 16384 = 49152, on every
+    # tile 65536; covariance 3 tiles * 2*16*16*16 = 24576; covariance backward 2 * N 16 * C 32 * C 32 = 32768.
+    # Bytes (float32): a C x C matrix 4096, x 2048, w 64, packed out 528*4 = 2112, tr 4, a (C,) row 128.
+    blocks = dict(block=16, block_k=16, block_n=16)
+    launches = triton_launches(1, 32, 16, 2, **blocks)
+    # K=2 forward: covariance (x, w -> Sigma) 6208; step 1 (Sigma -> A, Y_1, Z_1, tr) 16388; T_2 (Z, Y -> T,
+    # every tile) 12288; Y_2 (T, Y, tr -> packed out; the triangle's tiles) 10308
+    assert [(a.kernel, a.flops, a.bytes) for a in launches if a.phase == "fwd"] == [
+        ("covariance_forward_kernel", 24576, 6208),
+        ("ns_first_step_kernel", 49152, 16388),
+        ("ns_t_kernel", 65536, 12288),
+        ("ns_step_kernel", 49152, 10308),
+    ]
+    # K=2 backward: triangle (grad, out, tr -> dY, 2x2 partial sums) 8340; dT_2 = Y^T dY (2 read, 1 written)
+    # 12288; the reverse step (dY, dT, T, Y, Z -> dY_1, dZ_1: 3 products) 28672; step 1 (dY, A, dZ -> sym(dA),
+    # 2x32 row sums 256: 2 products on a triangle of tiles) 16640; row means (x, w -> mu, r) 2368; covariance
+    # backward (dA, tr, 64 + 4 partial sums, x, w, mu, r -> dx, dw) 8852
+    assert [(a.kernel, a.flops, a.bytes) for a in launches if a.phase == "bwd"] == [
+        ("triangle_backward_kernel", 0, 8340),
+        ("ns_backward_dt_kernel", 65536, 12288),
+        ("ns_backward_step_kernel", 196608, 28672),
+        ("ns_backward_first_step_kernel", 98304, 16640),
+        ("row_mean_kernel", 0, 2368),
+        ("covariance_backward_kernel", 32768, 8852),
+    ]
+    assert totals(launches)["full"] == dict(launches=10, flops=581632, bytes=122352)
+    # K=1: step 1 packs the output (reads Sigma, writes A, tr, out: 10308); the backward has no sweep and
+    # step 1 reads dY and A only (12544)
+    one = totals(triton_launches(1, 32, 16, 1, **blocks))
+    assert one["fwd"] == dict(launches=2, flops=24576 + 49152, bytes=6208 + 10308)
+    assert one["bwd"] == dict(launches=4, flops=98304 + 32768, bytes=8340 + 12544 + 2368 + 8852)
+    # no weights: w is neither read (3 launches) nor dw written: 64 bytes each
+    bare = totals(triton_launches(1, 32, 16, 2, weighted=False, **blocks))
+    assert (bare["fwd"]["bytes"], bare["bwd"]["bytes"]) == (45192 - 64, 77160 - 3 * 64)
+    # recompute: the backward runs step 1 from A (A -> Y_1, Z_1: 12288) and T_2 (12288) again
+    again = totals(triton_launches(1, 32, 16, 2, keep=False, **blocks))
+    assert again["bwd"] == dict(launches=8, flops=393216 + 49152 + 65536, bytes=77160 + 2 * 12288)
+
+
+def test_triton_launch_model_at_the_resnet_size():
+    # the default launch settings of a GPU at C=256, N=196: 64-wide tiles, so a triangle of tiles is 10 of 16
+    launches = triton_launches(256, 256, 196, 5, block=64, block_k=16, block_n=32)
+    t = totals(launches)
+    assert (t["fwd"]["launches"], t["bwd"]["launches"]) == (10, 12)  # 2K and 2K + 2
+    assert t["fwd"]["bytes"] == pytest.approx(2.37e9, rel=0.005)
+    assert t["bwd"]["bytes"] == pytest.approx(3.92e9, rel=0.005)
+    # F = one product on every tile. Forward: step 1 and the packed Y_K on 10 of 16 tiles, 3K - 5 = 10 whole
+    # products between; backward: 4 + 6 (K - 2) = 22 whole products, step 1's two on 10 of 16 tiles; the
+    # covariance (N padded to 7 tiles of 32) both ways.
+    F = 2 * 256 * 256**3
+    cov = 256 * 10 * 2 * 64 * 64 * 224
+    assert t["fwd"]["flops"] == cov + 2 * F * 10 // 16 + 10 * F
+    assert t["bwd"]["flops"] == 22 * F + 2 * F * 10 // 16 + 2 * 256 * 224 * 256 * 256
+    assert t["full"]["flops"] == pytest.approx(308.6e9, rel=0.001)
+    assert len(triton_launches(256, 256, 196, 5, keep=False, block=64, block_k=16, block_n=32)) == 10 + 20  # 4K
+    # at least 1.31 ms of memory traffic at 4.8 TB/s in every precision mode; per-launch floors add up to no
+    # less than either bound alone
+    for peak in flops.PEAKS.values():
+        f = floors(launches, flops.HBM_NOMINAL, peak)["full"]
+        assert f["memory"] == pytest.approx(1.309e-3, rel=0.002)
+        assert f["roofline"] >= max(f["memory"], f["compute"])
+
+
+def test_triton_launch_model_default_blocks_follow_the_library(monkeypatch):
+    # the GPU default of the triton backend (what runs with THREEG_TRITON_AUTOTUNE=0) at the ResNet size
+    _tiles = pytest.importorskip("threeg_kernels.triton_kernels._tiles")
+    monkeypatch.setattr(_tiles, "INTERPRET", False)
+    assert flops.default_blocks(256, 196) == (64, 16, 32)
+    assert triton_launches(256, 256, 196, 5) == triton_launches(256, 256, 196, 5, block=64, block_k=16, block_n=32)
+
+
+def test_flops_cli_prints_launches_totals_and_floors(capsys):
+    small = ["--C", "32", "--N", "16", "--K", "2", "--block", "16", "--block-k", "16", "--block-n", "16"]
+    flops.main(["--B", "2", *small])
+    text = capsys.readouterr().out
+    assert "| ns_backward_step_kernel | bwd | dY_1, dZ_1 |" in text
+    assert "| full | 10 | 0.0 |" in text and "Memory alone, fwd+bwd" in text
+    flops.main(["--B", "1", *small, "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["totals"]["full"] == dict(launches=10, flops=581632, bytes=122352)
+    with pytest.raises(SystemExit):
+        flops.main(["--block", "16"])
+    assert "--block, --block-k and --block-n go together" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------- baselines
