@@ -1,18 +1,20 @@
 // CUDA kernels of the "ext" backend: threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward.
 //
-// The coupled Newton-Schulz iteration with its symmetric reverse sweep, docs/math.md (1)-(14): matrix products
-// throughout, rather than the batched eigendecomposition of the CPU kernels' spectral route (a design choice,
-// not measured on a GPU). The C x C products are batched cuBLAS GEMMs (at::bmm); the elementwise work between
-// them runs in the fused kernels below:
+// The coupled Newton-Schulz iteration and its plain reverse sweep, docs/math.md (1)-(10), (12)-(14): matrix
+// products throughout, rather than the batched eigendecomposition of the CPU kernels' spectral route (a design
+// choice, not measured on a GPU). The C x C products are batched cuBLAS GEMMs (at::bmm, at::baddbmm); the
+// elementwise work between them runs in the fused kernels below:
 //   forward:  centre (1); normalise (1)-(2); ns_first (5); ns_t, the epilogue of Z_{k-1} Y_{k-1} (3); pack (6)-(8)
-//   backward: scatter (9); combine, the reverse steps (11) and step 1 (12) in its second form; coef, c of (13);
-//             finish (14)
+//   backward: scatter, dY_K = sqrt(tr) G_S; the reverse steps (10) and step 1 as autograd runs them through the
+//             forward's products, transposes included (the symmetric sweep (11) assumes the float iterates commute
+//             and loses accuracy geometrically with K); symmetrise, sym(dA); coef, c of (13); finish (14)
 // Saved state when the iterates are kept, (21): (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, laid out
 // (K - 1, 3, B, C, C); empty: the backward re-runs the forward products from A.
 #include "../cov_pool_ext.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -55,7 +57,10 @@ __device__ __forceinline__ int64_t triangle_index(int64_t i, int64_t j, int64_t 
   return lower ? i * (i + 1) / 2 + j : i * c - i * (i - 1) / 2 + (j - i);
 }
 
-// One warp per row (b, c): xc[b, c, :] = x * w - mean over n. x (B, C, N) and w (B, N) strided; xc contiguous.
+// One warp per row (b, c): xc[b, c, :] = x * w - mean over n, centred twice: (x * w - mu) - r with r the mean of
+// x * w - mu, what the float mean mu misses (~ eps_mach |mu|). dXc = D Xc (docs/math.md (14)) then has row means
+// D r, so the twice-centred xc applies the centring's own backward, dX_w = dXc - (dXc 1 / N) 1^T, which matters
+// when the features' mean is large against their spread. x (B, C, N) and w (B, N) strided; xc contiguous.
 template <typename scalar_t>
 __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t xsb, int64_t xsc, int64_t xsn,
                               const scalar_t* __restrict__ w, int64_t wsb, int64_t wsn, int64_t b_n, int64_t c_n,
@@ -75,7 +80,14 @@ __global__ void centre_kernel(const scalar_t* __restrict__ x, int64_t xsb, int64
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   const scalar_t mu = sum / scalar_t(n_n);
-  for (int64_t n = lane; n < n_n; n += 32) out[n] -= mu;
+  scalar_t rest = 0;
+  for (int64_t n = lane; n < n_n; n += 32) {
+    out[n] -= mu;
+    rest += out[n];
+  }
+  for (int offset = 16; offset > 0; offset /= 2) rest += __shfl_xor_sync(0xffffffffu, rest, offset);
+  const scalar_t r = rest / scalar_t(n_n);
+  for (int64_t n = lane; n < n_n; n += 32) out[n] -= r;
 }
 
 // One block per sample, docs/math.md (1)-(2): tr = trace(P) / N + C eps, then P <- (P / N + eps I) / tr in
@@ -132,32 +144,27 @@ __global__ void pack_kernel(const scalar_t* __restrict__ Y, const scalar_t* __re
   }
 }
 
-// dY[b, i, j] = sqrt(tr_b) sym(G_S), docs/math.md (9): the triangle entry of (i, j) or (j, i), halved off the
-// diagonal.
+// dY[b, i, j] = sqrt(tr_b) G_S: the incoming gradient at the places of the order's triangle ('3g': i >= j,
+// 'mpncov': i <= j), 0 elsewhere, as autograd gives it through the pack (not the sym(G_S) of docs/math.md (9),
+// equal only in exact arithmetic: the reverse sweep starts from it as it is).
 template <typename scalar_t>
 __global__ void scatter_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ tr,
                                scalar_t* __restrict__ dY, int64_t c_n, bool lower, int64_t total) {
   const int64_t tri = c_n * (c_n + 1) / 2;
   GRID_STRIDE(e, total) {
     const int64_t b = e / (c_n * c_n), r = e % (c_n * c_n), i = r / c_n, j = r % c_n;
-    const int64_t big = i > j ? i : j, small = i > j ? j : i;
-    const int64_t lo = lower ? big : small, hi = lower ? small : big;
-    dY[e] = sqrt(tr[b]) * (i == j ? scalar_t(1) : scalar_t(0.5)) * grad[b * tri + triangle_index(lo, hi, c_n, lower)];
+    const bool in_triangle = lower ? j <= i : i <= j;
+    dY[e] = in_triangle ? sqrt(tr[b]) * grad[b * tri + triangle_index(i, j, c_n, lower)] : scalar_t(0);
   }
 }
 
-// out = s (M + M^T) + a X + q Q, each of M, X, Q optional (nullptr).
+// out = (M + M^T) / 2.
 template <typename scalar_t>
-__global__ void combine_kernel(const scalar_t* __restrict__ M, scalar_t s, const scalar_t* __restrict__ X, scalar_t a,
-                               const scalar_t* __restrict__ Q, scalar_t q, scalar_t* __restrict__ out, int64_t c_n,
-                               int64_t total) {
+__global__ void symmetrise_kernel(const scalar_t* __restrict__ M, scalar_t* __restrict__ out, int64_t c_n,
+                                  int64_t total) {
   GRID_STRIDE(e, total) {
     const int64_t b = e / (c_n * c_n), r = e % (c_n * c_n), i = r / c_n, j = r % c_n;
-    scalar_t v = 0;
-    if (M) v = s * (M[e] + M[b * c_n * c_n + j * c_n + i]);
-    if (X) v += a * X[e];
-    if (Q) v += q * Q[e];
-    out[e] = v;
+    out[e] = scalar_t(0.5) * (M[e] + M[b * c_n * c_n + j * c_n + i]);
   }
 }
 
@@ -175,7 +182,7 @@ __global__ void coef_kernel(const scalar_t* __restrict__ dA, const scalar_t* __r
 }
 
 // One thread per (b, n), looping over c (neighbouring threads read neighbouring n): docs/math.md (14) with
-// P = dA Xc.
+// P = sym(dA) Xc and xc centred twice (centre_kernel).
 template <typename scalar_t>
 __global__ void finish_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ xc,
                               const scalar_t* __restrict__ coef, const scalar_t* __restrict__ tr,
@@ -292,39 +299,33 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_in, const Tensor& x,
     } else if (iters > 1) {
       kept = kept.contiguous();
     }
-    auto combine = [&](const Tensor& M, double s, const Tensor& X, double a, const Tensor& Q, double q, Tensor& dst) {
-      combine_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          M.defined() ? M.const_data_ptr<scalar_t>() : nullptr, scalar_t(s),
-          X.defined() ? X.const_data_ptr<scalar_t>() : nullptr, scalar_t(a),
-          Q.defined() ? Q.const_data_ptr<scalar_t>() : nullptr, scalar_t(q), dst.mutable_data_ptr<scalar_t>(), c_n,
-          total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-
     Tensor dY = at::empty_like(A);
     scatter_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), tr.const_data_ptr<scalar_t>(), dY.mutable_data_ptr<scalar_t>(), c_n, lower,
         total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto t = [](const Tensor& m) { return m.transpose(1, 2); };
+    // The plain reverse step (10), dZ_K = 0:
+    //   dT = Y^T dY + dZ Z^T,  dY' = dY T^T - 0.5 Z^T dT,  dZ' = T^T dZ - 0.5 dT Y^T.
     Tensor dZ;
     for (int64_t k = iters - 1; k >= 1; --k) {
       const Tensor Yp = kept[k - 1][0], Zp = kept[k - 1][1], T = kept[k - 1][2];
-      const Tensor YdY = at::bmm(Yp, dY);
-      const Tensor M = at::bmm(dY, T);
-      Tensor dY_next = at::empty_like(A), dZ_next = at::empty_like(A);
-      if (!dZ.defined()) {
-        combine(Tensor(), 0, Tensor(), 0, at::bmm(YdY, Yp), -0.5, dZ_next);
-        combine(M, 1, dY, -1.5, Tensor(), 0, dY_next);
-      } else {
-        combine(M, 1, dY, -1.5, at::bmm(at::bmm(Zp, dZ), Zp), -0.5, dY_next);
-        combine(at::bmm(T, dZ), 1, dZ, -1.5, at::bmm(YdY, Yp), -0.5, dZ_next);
-      }
-      dY = dY_next;
+      Tensor dT = at::bmm(t(Yp), dY);
+      if (dZ.defined()) dT.baddbmm_(dZ, t(Zp));
+      Tensor dZ_next =
+          dZ.defined() ? at::baddbmm(at::bmm(t(T), dZ), dT, t(Yp), 1, -0.5) : at::bmm(dT, t(Yp)).mul_(-0.5);
+      dY = at::baddbmm(at::bmm(dY, t(T)), t(Zp), dT, 1, -0.5);
       dZ = dZ_next;
     }
-    // Step 1, docs/math.md (12), second form: M = dY_1 A.
-    Tensor dA = at::empty_like(A);
-    combine(at::bmm(dY, A), -0.5, dY, 1.5, dZ, -0.5, dA);
+    // Step 1, docs/math.md (5): Y_1 = 1.5 A - 0.5 A A, Z_1 = 1.5 I - 0.5 A; then sym(dA), all that reaches dX
+    // ((13) reads <dA, A>, (14) dSigma + dSigma^T).
+    Tensor dA = at::baddbmm(dY, dY, t(A), 1.5, -0.5).baddbmm_(t(A), dY, 1, -0.5);
+    if (dZ.defined()) dA.add_(dZ, -0.5);
+    Tensor dA_sym = at::empty_like(A);
+    symmetrise_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        dA.const_data_ptr<scalar_t>(), dA_sym.mutable_data_ptr<scalar_t>(), c_n, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dA = dA_sym;
 
     Tensor coef = at::empty({b_n}, x.options());
     coef_kernel<scalar_t><<<static_cast<int>(b_n), kThreads, 0, stream>>>(

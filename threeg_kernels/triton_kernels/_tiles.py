@@ -2,8 +2,10 @@
 
 Conventions of every kernel here:
 - program ids: axis 0 is the sample b, axes 1 and 2 the row and column tile of a C x C matrix;
-- a symmetric result is computed on the tiles i <= j only and stored twice (tile and mirror), so a
-  C x C symmetric product costs T(T+1)/2 of the T^2 tile products (T = cdiv(C, BLOCK));
+- a result that is symmetric as computed (Sigma, A A, sym(dA) of step 1's backward) is computed on the
+  tiles i <= j only and stored twice (tile and mirror), so it costs T(T+1)/2 of the T^2 tile products
+  (T = cdiv(C, BLOCK)); the Newton-Schulz iterates from step 2 on are not (docs/triton.md, "Symmetry");
+- a transposed operand M^T is the tile of M read with its row and column strides swapped;
 - loads are masked (other=0, so masked entries add nothing to a product) and kept in the dtype of the
   buffers, which is float32 or float64: the launchers cast nothing, `cov_pool` did;
 - the matmul precision is a compile-time string: "ieee" (fp32 products, the default and the only mode
@@ -78,28 +80,30 @@ def load_tile(ptr, b, rows, cols, n_rows, n_cols, s_b, s_r, s_c):
 
 
 @triton.jit
-def tile_product(acc, l_ptr, r_ptr, b, rows, cols, C, s_b, s_r, s_c,
+def load_operand(ptr, b, rows, cols, C, s_b, s_r, s_c, TRANS: tl.constexpr):
+    """op(M)[b, rows, cols] of a C x C matrix M, op(M) = M^T if TRANS else M (0 outside C x C)."""
+    if TRANS:
+        return load_tile(ptr, b, rows, cols, C, C, s_b, s_c, s_r)
+    return load_tile(ptr, b, rows, cols, C, C, s_b, s_r, s_c)
+
+
+@triton.jit
+def tile_product(acc, l_ptr, r_ptr, b, rows, cols, C, s_b, s_r, s_c, L_T: tl.constexpr, R_T: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + L[b, rows, :] @ R[b, :, cols] for two C x C matrices of the same strides."""
+    """acc + op(L)[b, rows, :] @ op(R)[b, :, cols] for two C x C matrices of the same strides, op(M) = M^T
+    where its flag (L_T, R_T) is set."""
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        lt = load_tile(l_ptr, b, rows, ks, C, C, s_b, s_r, s_c)
-        rt = load_tile(r_ptr, b, ks, cols, C, C, s_b, s_r, s_c)
+        lt = load_operand(l_ptr, b, rows, ks, C, s_b, s_r, s_c, L_T)
+        rt = load_operand(r_ptr, b, ks, cols, C, s_b, s_r, s_c, R_T)
         acc = mm(lt, rt, acc, PRECISION, EMULATE)
     return acc
 
 
 @triton.jit
-def symmetric_sum_product(acc, p_ptr, q_ptr, b, rows, cols, C, s_b, s_r, s_c,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + (P Q + Q P)[b, rows, cols] (P Q first) for two C x C matrices of the same strides."""
-    acc = tile_product(acc, p_ptr, q_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
-    return tile_product(acc, q_ptr, p_ptr, b, rows, cols, C, s_b, s_r, s_c, BLOCK_K, PRECISION, EMULATE)
-
-
-@triton.jit
-def store_symmetric_tile(ptr, b, rows, cols, val, C, s_b, s_r, s_c, mirror):
-    """Stores tile (rows, cols) of a symmetric C x C matrix and, if mirror, its transpose at (cols, rows)."""
+def store_tile(ptr, b, rows, cols, val, C, s_b, s_r, s_c, mirror):
+    """Stores tile (rows, cols) of a C x C matrix and, if mirror, its transpose at (cols, rows) (the other
+    half of a symmetric matrix computed on the tiles i <= j)."""
     mask = (rows[:, None] < C) & (cols[None, :] < C)
     base = ptr + b * s_b
     tl.store(base + rows[:, None] * s_r + cols[None, :] * s_c, val, mask=mask)
@@ -130,9 +134,9 @@ def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -
     cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles, 10 of
     them computed for a symmetric result), 16-deep reduction steps, 8 warps, 3 stages; float64 uses
     32-wide tiles. Chosen without a GPU by what the sm_90 compiler reports (`python -m
-    tests.triton_compile_check --candidates`, docs/triton.md): this is the one 64-wide setting whose
-    kernels spill no registers in every precision mode; with 4 warps, or 32-deep steps, the kernel of
-    the reverse sweep spills.
+    tests.triton_compile_check --candidates`, docs/triton.md): its kernels spill no registers in any
+    precision mode; with 4 warps the kernels of the backward iteration spill 0.3-1.4 KB, with 32-deep
+    steps a few tens of bytes in "ieee".
     """
     if dtype == torch.float64:
         precision = "ieee"

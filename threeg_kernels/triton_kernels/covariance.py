@@ -12,6 +12,12 @@ computed, each stored with its mirror. The trace is taken by the first Newton-Sc
 Backward: dX_w of (14) with the trace term of (13) folded in, then dX and dw. The coefficient c of (13)
 arrives as two rows of partial sums (from newton_schulz.py and triangle.py) that are summed here. One
 program owns a panel of columns n for all C rows, so the sum over c of dw is done in registers.
+The centring's own backward, dX_w = dXc - (dXc 1 / N) 1^T of (14), is applied through Xc: with dXc = D Xc
+(D = (dSigma + dSigma^T) / N), the row means of dXc are D r for r = Xc 1 / N, so dX_w = D (Xc - r 1^T).
+`row_mean_kernel` leaves mu and r, and the backward centres twice, (X_w - mu) - r: r is what the float mean
+mu misses (|r| ~ eps_mach |mu|, which matters when the features' mean is large against their spread:
+at x ~ 1e4 + N(0, 1) in float32, K = 5, dX is 5.9e-4 off float64 without it and 1.5e-6 with it, docs/triton.md
+"Accuracy"), and it cannot be folded into mu, whose own rounding is of that size.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import LaunchConfig, mm, store_symmetric_tile
+from ._tiles import LaunchConfig, mm, store_tile
 
 
 @triton.jit
@@ -55,10 +61,11 @@ def _centre(xt, mu, rows, cols, C, N):
 
 
 @triton.jit
-def _centred_tile(x_ptr, w_ptr, mu, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W: tl.constexpr):
-    """Xc[b, rows, cols] = X_w - mu 1^T, exactly 0 outside C x N."""
+def _centred_tile(x_ptr, w_ptr, mu, res, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W: tl.constexpr):
+    """(X_w - mu 1^T) - res 1^T at [b, rows, cols], exactly 0 outside C x N."""
     xt = _weighted_tile(x_ptr, w_ptr, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
-    return _centre(xt, mu, rows, cols, C, N)
+    inside = (rows[:, None] < C) & (cols[None, :] < N)
+    return tl.where(inside, (xt - mu[:, None]) - res[:, None], 0.0)
 
 
 @triton.jit
@@ -106,14 +113,15 @@ def covariance_forward_kernel(
         mean_j += dj * (n_c / total)
         seen = total
     sigma = acc / N + tl.where(rows[:, None] == cols[None, :], eps, 0.0)
-    store_symmetric_tile(sigma_ptr, b, rows, cols, sigma, C, s_sb, s_sr, s_sc, ti != tj)
+    store_tile(sigma_ptr, b, rows, cols, sigma, C, s_sb, s_sr, s_sc, ti != tj)
 
 
 @triton.jit
 def row_mean_kernel(
     x_ptr,  # (B, C, N) float32/float64, any strides
     w_ptr,  # (B, N) same dtype; unused when not HAS_W
-    mu_ptr,  # (B, C) same dtype, contiguous, written: mu
+    mu_ptr,  # (B, C) same dtype, contiguous, written: mu = X_w 1 / N
+    res_ptr,  # (B, C) same dtype, contiguous, written: r = (X_w - mu 1^T) 1 / N, what mu misses
     C, N,
     s_xb, s_xc, s_xn,
     s_wb, s_wn,
@@ -122,7 +130,13 @@ def row_mean_kernel(
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mu = _row_mean(x_ptr, w_ptr, b, rows, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W, BLOCK, BLOCK_N)
+    res = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        xt = _weighted_tile(x_ptr, w_ptr, b, rows, cols, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+        res += tl.sum(_centre(xt, mu, rows, cols, C, N), 1)
     tl.store(mu_ptr + b * C + rows, mu, mask=rows < C)
+    tl.store(res_ptr + b * C + rows, res / N, mask=rows < C)
 
 
 @triton.jit
@@ -137,13 +151,14 @@ def _sum_row(ptr, b, length, BLOCK: tl.constexpr):
 
 @triton.jit
 def covariance_backward_kernel(
-    dA_ptr,  # (B, C, C) float32/float64, symmetric: dL/dA
+    dA_ptr,  # (B, C, C) float32/float64, symmetric: sym(dL/dA)
     tr_ptr,  # (B,) trace of Sigma
     a_parts_ptr,  # (B, LA) contiguous: partial sums of <dA, A>
     g_parts_ptr,  # (B, LG) contiguous: partial sums of <dL/dout, out>
     x_ptr,  # (B, C, N) any strides
     w_ptr,  # (B, N) any strides; unused when not HAS_W
     mu_ptr,  # (B, C) contiguous: row means of X_w
+    res_ptr,  # (B, C) contiguous: row means of X_w - mu 1^T
     dx_ptr,  # (B, C, N) contiguous, written: dL/dx
     dw_ptr,  # (B, N) contiguous, written: dL/dw; unused when not HAS_W
     C, N, LA, LG,
@@ -168,10 +183,12 @@ def covariance_backward_kernel(
             mask = (rows[:, None] < C) & (ks[None, :] < C)
             da = tl.load(dA_ptr + b * s_ab + rows[:, None] * s_ar + ks[None, :] * s_ac, mask=mask, other=0.0)
             mu_k = tl.load(mu_ptr + b * C + ks, mask=ks < C, other=0.0)
-            xk = _centred_tile(x_ptr, w_ptr, mu_k, b, ks, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+            res_k = tl.load(res_ptr + b * C + ks, mask=ks < C, other=0.0)
+            xk = _centred_tile(x_ptr, w_ptr, mu_k, res_k, b, ks, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
             acc = mm(da, xk, acc, PRECISION, EMULATE)
         mu_r = tl.load(mu_ptr + b * C + rows, mask=rows < C, other=0.0)
-        xc = _centred_tile(x_ptr, w_ptr, mu_r, b, rows, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
+        res_r = tl.load(res_ptr + b * C + rows, mask=rows < C, other=0.0)
+        xc = _centred_tile(x_ptr, w_ptr, mu_r, res_r, b, rows, ns, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W)
         dxw = (acc - c * xc) * scale
         inside = (rows[:, None] < C) & (ns[None, :] < N)
         dx_at = dx_ptr + b * C * N + rows[:, None] * N + ns[None, :]
@@ -219,19 +236,19 @@ def covariance_backward(
     weight: Optional[torch.Tensor],
     cfg: LaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dx (B, C, N), dL/dweight (B, N) or an empty tensor) from dL/dA and the trace terms' partial sums."""
+    """(dL/dx (B, C, N), dL/dweight (B, N) or an empty tensor) from sym(dL/dA) and the trace terms' partial sums."""
     b, c, n = x.shape
     w, s_wb, s_wn = _weight_args(x, weight)
     has_w = weight is not None
-    mu = x.new_empty(b, c)
+    mu, res = x.new_empty(2, b, c).unbind(0)
     row_mean_kernel[(b, cfg.tiles(c))](
-        x, w, mu, c, n, *x.stride(), s_wb, s_wn, HAS_W=has_w, BLOCK=cfg.block, BLOCK_N=cfg.block_n,
+        x, w, mu, res, c, n, *x.stride(), s_wb, s_wn, HAS_W=has_w, BLOCK=cfg.block, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps,
     )
     dx = x.new_empty(b, c, n)
     dw = x.new_empty(b, n) if has_w else x.new_empty(0)
     covariance_backward_kernel[(b, triton.cdiv(n, cfg.block_n))](
-        dA, tr, a_parts, g_parts, x, w, mu, dx, dw if has_w else dx,
+        dA, tr, a_parts, g_parts, x, w, mu, res, dx, dw if has_w else dx,
         c, n, a_parts.shape[1], g_parts.shape[1], *dA.stride(), *x.stride(), s_wb, s_wn,
         HAS_W=has_w, BLOCK=cfg.block, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
         PRECISION=cfg.precision, EMULATE=cfg.emulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -4,9 +4,9 @@
     head_backward(grad, x, weight, out, A, tr, iterates, iters, lower, cfg) -> (dx, dweight)
 
 Forward, docs/math.md (1)-(8): covariance (1 launch), Newton-Schulz with the trace folded into step 1
-and the packed triangle into step K (2K - 1 launches). Backward, (9)-(14): triangle scatter (1), the
-iterates again from A when the forward did not keep them (`iterates` empty, (21)), the reverse sweep
-(2 per step), step 1 with the trace partial sums (1), row means and the covariance backward (2).
+and the packed triangle into step K (2K - 1 launches). Backward, (10), (12)-(14): triangle scatter (1),
+the iterates again from A when the forward did not keep them (`iterates` empty, (21)), the plain reverse
+sweep (2 per step), step 1 with the trace partial sums (1), row means and the covariance backward (2).
 
 Both are plain functions of tensors and a LaunchConfig: the registered ops of
 threeg_kernels/backends/triton_impl.py call them with the tuned config (tuning.py), and tuning.py
