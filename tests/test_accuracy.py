@@ -3,7 +3,7 @@ count, rank-deficient and ill-conditioned covariances, and features whose mean i
 
 The yardstick is the float32 reference itself (autograd through the plain math): a backend passes when its
 error against float64 is within 10x of the reference's own, or within the fp32 bound 1e-5 where the
-reference is better than that. (The triton backend's cases are in tests/test_triton.py, on tiny shapes.)
+reference is better than that. (The triton backend's cases are in tests/test_triton_accuracy.py.)
 """
 
 from __future__ import annotations

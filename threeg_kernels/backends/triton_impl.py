@@ -9,9 +9,10 @@ The op bodies run threeg_kernels/triton_kernels/head.py (forward: 2K launches; b
 launch settings of triton_kernels/tuning.py: timed per shape at the first call on a GPU
 (THREEG_TRITON_AUTOTUNE=0 turns that off), one fixed setting under the interpreter.
 
-Keep vs recompute: the forward writes (Y_{k-1}, Z_{k-1}, T_k), k = 2..K, anyway, so keeping them costs
-memory (3(K-1) C^2 values a sample: 805 MB at B = 256, C = 256, K = 5 in fp32) and no work, while
-recomputing adds 3K - 4 = 11 products to the 12 + 30 of forward+backward (+26% FLOPs, K = 5). Keeping is the
+Keep vs recompute (docs/math.md (21)): the forward writes (Y_{k-1}, Z_{k-1}, T_k), k = 2..K, anyway, so
+keeping them costs memory (3(K-1) C^2 values a sample: 805 MB at B = 256, C = 256, K = 5 in fp32) and no
+work, while recomputing adds (3K - 5) F + H (F = 2 C^3, H = C^2 (C + 1) a sample; docs/math.md, section 5):
+90.2 GFLOP on the 302.0 of forward+backward at B = 256, C = 256, N = 196, K = 5, about +30%. Keeping is the
 default by that count; it has not been timed on a GPU.
 
 Devices: CUDA with a working Triton driver; CPU only under TRITON_INTERPRET=1 (set before this module
