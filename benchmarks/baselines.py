@@ -171,7 +171,7 @@ def eigh_sqrt(x, weight, iters, eps=EPS, order="3g"):
         sigma = reference.weighted_covariance(x.to(dtype), None if weight is None else weight.to(dtype), eps)
         L, U = torch.linalg.eigh(sigma)
         S = (U * L.clamp_min(0).sqrt().unsqueeze(-2)) @ U.transpose(-1, -2)
-    return reference.triangle(S, order).to(x.dtype)
+    return reference.pack_triangle(S, order).to(x.dtype)
 
 
 def exact_sqrt_triangle(x, weight, eps=EPS, order="3g"):

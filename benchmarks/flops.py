@@ -173,7 +173,7 @@ def triton_launches(
     sweep("fwd", "", True)
 
     # --- backward: head_backward
-    add("triangle_backward_kernel", "bwd", f"dY_{K}", 0, 2 * packed + scalar, mat + B * T * T * s)
+    add("scatter_triangle_kernel", "bwd", f"dY_{K}", 0, 2 * packed + scalar, mat + B * T * T * s)
     if not keep and K >= 2:  # newton_schulz_iterates: the forward's sweep again from A, stopping after T_K
         add("ns_first_step_kernel", "bwd", "recompute Y_1, Z_1", half, mat, 2 * mat)
         sweep("bwd", "recompute ", False)

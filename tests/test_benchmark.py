@@ -61,7 +61,7 @@ def test_triton_launch_model_hand_count():
     # 2x32 row sums 256: 2 products on a triangle of tiles) 16640; row means (x, w -> mu, r) 2368; covariance
     # backward (dA, tr, 64 + 4 partial sums, x, w, mu, r -> dx, dw) 8852
     assert [(a.kernel, a.flops, a.bytes) for a in launches if a.phase == "bwd"] == [
-        ("triangle_backward_kernel", 0, 8340),
+        ("scatter_triangle_kernel", 0, 8340),
         ("ns_backward_dt_kernel", 65536, 12288),
         ("ns_backward_step_kernel", 196608, 28672),
         ("ns_backward_first_step_kernel", 98304, 16640),
@@ -361,7 +361,7 @@ FAKE_3G = """
         return reference.newton_schulz(A, numIters) * tr.sqrt()[:, None, None]
 
     def triu_forward(x):
-        return reference.triangle(x, "3g")
+        return reference.pack_triangle(x, "3g")
 """
 
 FAKE_MPNCOV = """

@@ -50,9 +50,9 @@ def test_missing_backend_says_why():
 def test_triangle_orders_pinned_3x3():
     S = torch.tensor([[[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [3.0, 5.0, 6.0]]])
     # '3g': lower triangle row by row: S00, S10, S11, S20, S21, S22
-    assert reference.triangle(S, "3g").tolist() == [[1.0, 2.0, 4.0, 3.0, 5.0, 6.0]]
+    assert reference.pack_triangle(S, "3g").tolist() == [[1.0, 2.0, 4.0, 3.0, 5.0, 6.0]]
     # 'mpncov': upper triangle row by row: S00, S01, S02, S11, S12, S22
-    assert reference.triangle(S, "mpncov").tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+    assert reference.pack_triangle(S, "mpncov").tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
 
 
 # --- reference.py against independent formulas, float64 --------------------------------------------
@@ -80,9 +80,9 @@ def test_reference_converges_to_eigh_square_root():
     sqrt = evecs @ torch.diag_embed(evals.sqrt()) @ evecs.transpose(1, 2)
     got = reference.cov_pool(x, None, iters=30)
     # measured 2026-11-26: 4e-16
-    assert rel_err(got, reference.triangle(sqrt, "3g")) <= 1e-12
+    assert rel_err(got, reference.pack_triangle(sqrt, "3g")) <= 1e-12
     # ...and the 5-step head is a genuine approximation of it, not the same thing.
-    assert rel_err(reference.cov_pool(x, None, iters=5), reference.triangle(sqrt, "3g")) > 1e-6
+    assert rel_err(reference.cov_pool(x, None, iters=5), reference.pack_triangle(sqrt, "3g")) > 1e-6
 
 
 def test_reference_newton_schulz_unrolled_by_hand():

@@ -37,7 +37,7 @@ def _capture_launches(scenarios, all_candidates=False):
     original = JITFunction.run
     JITFunction.run = record
     try:
-        for dtype, precision, weighted, iters, keep, lower in scenarios:
+        for dtype, precision, weighted, iters, keep_iterates, lower in scenarios:
             b, c, n = 2, 256, 196
             configs = (
                 tuning.candidates(c, n, dtype, precision)
@@ -47,8 +47,8 @@ def _capture_launches(scenarios, all_candidates=False):
             for cfg in configs:
                 x = torch.zeros(b, c, n, dtype=dtype)
                 w = torch.zeros(b, n, dtype=dtype) if weighted else None
-                out, A, tr, iterates = head_forward(x, w, iters, 1e-7, lower, keep, cfg)
-                # without keep, iterates is empty and head_backward records the launches recomputing them
+                out, A, tr, iterates = head_forward(x, w, iters, 1e-7, lower, keep_iterates, cfg)
+                # without keep_iterates, iterates is empty and head_backward records the launches recomputing them
                 head_backward(torch.zeros_like(out), x, w, out, A, tr, iterates, iters, lower, cfg)
     finally:
         JITFunction.run = original
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         scenarios = [(torch.float32, "ieee", True, 3, True, True), (torch.float32, "tf32x3", True, 3, True, True)]
     else:
         scenarios = [
-            (dtype, precision, weighted, iters, keep, lower)
+            (dtype, precision, weighted, iters, keep_iterates, lower)
             for dtype, precision in [
                 (torch.float32, "ieee"),
                 (torch.float32, "tf32x3"),
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                 (torch.float64, "ieee"),
             ]
             for weighted in (False, True)
-            for iters, keep, lower in [(1, True, True), (3, True, False), (3, False, True)]
+            for iters, keep_iterates, lower in [(1, True, True), (3, True, False), (3, False, True)]
         ]
     seen, failures, spilled = set(), 0, 0
     shared_limit = _SHARED_LIMIT.get(args.arch, 48 * 1024)

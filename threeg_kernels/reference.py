@@ -67,7 +67,7 @@ def triangle_indices(c: int, order: str, device=None) -> torch.Tensor:
     return rows * c + cols
 
 
-def triangle(S: torch.Tensor, order: str = "3g") -> torch.Tensor:
+def pack_triangle(S: torch.Tensor, order: str = "3g") -> torch.Tensor:
     """(B, C, C) -> (B, C(C+1)/2) in the given triangle order."""
     b, c, _ = S.shape
     return S.reshape(b, c * c)[:, triangle_indices(c, order, S.device)]
@@ -87,4 +87,4 @@ def cov_pool(
     sigma = weighted_covariance(xf, wf, eps)
     A, tr = trace_normalise(sigma)
     S = tr.sqrt()[:, None, None] * newton_schulz(A, iters)
-    return triangle(S, order).to(x.dtype)
+    return pack_triangle(S, order).to(x.dtype)

@@ -53,7 +53,7 @@ __device__ acc_t block_sum(acc_t v) {
 
 // Flat index in `out` of entry (i, j) of the vectorised triangle, docs/math.md (8) ('3g': i >= j;
 // 'mpncov': i <= j).
-__device__ __forceinline__ int64_t triangle_index(int64_t i, int64_t j, int64_t c, bool lower) {
+__device__ __forceinline__ int64_t packed_index(int64_t i, int64_t j, int64_t c, bool lower) {
   return lower ? i * (i + 1) / 2 + j : i * c - i * (i - 1) / 2 + (j - i);
 }
 
@@ -140,7 +140,7 @@ __global__ void pack_kernel(const scalar_t* __restrict__ Y, const scalar_t* __re
   const int64_t tri = c_n * (c_n + 1) / 2;
   GRID_STRIDE(e, total) {
     const int64_t b = e / (c_n * c_n), r = e % (c_n * c_n), i = r / c_n, j = r % c_n;
-    if (lower ? j <= i : j >= i) out[b * tri + triangle_index(i, j, c_n, lower)] = sqrt(tr[b]) * Y[e];
+    if (lower ? j <= i : j >= i) out[b * tri + packed_index(i, j, c_n, lower)] = sqrt(tr[b]) * Y[e];
   }
 }
 
@@ -154,7 +154,7 @@ __global__ void scatter_kernel(const scalar_t* __restrict__ grad, const scalar_t
   GRID_STRIDE(e, total) {
     const int64_t b = e / (c_n * c_n), r = e % (c_n * c_n), i = r / c_n, j = r % c_n;
     const bool in_triangle = lower ? j <= i : i <= j;
-    dY[e] = in_triangle ? sqrt(tr[b]) * grad[b * tri + triangle_index(i, j, c_n, lower)] : scalar_t(0);
+    dY[e] = in_triangle ? sqrt(tr[b]) * grad[b * tri + packed_index(i, j, c_n, lower)] : scalar_t(0);
   }
 }
 

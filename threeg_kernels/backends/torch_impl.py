@@ -47,17 +47,16 @@ def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
 def _newton_schulz(A: torch.Tensor, iters: int, keep_iterates: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns Y_K and, if keep_iterates, the (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, each written in place."""
     b, c, _ = A.shape
-    keep = keep_iterates
-    kept = A.new_empty(_iterates_shape(b, c, iters)) if keep else None
+    kept = A.new_empty(_iterates_shape(b, c, iters)) if keep_iterates else None
 
     def slot(k: int, j: int) -> Optional[torch.Tensor]:
-        return kept[k, j] if keep and k < iters - 1 else None
+        return kept[k, j] if keep_iterates and k < iters - 1 else None
 
     eye15 = 1.5 * _eye(c, A)
     Y = torch.baddbmm(A, A, A, beta=1.5, alpha=-0.5, out=slot(0, 0))
     Z = torch.add(eye15, A, alpha=-0.5, out=slot(0, 1))
     for k in range(1, iters):
-        T = torch.baddbmm(eye15, Z, Y, alpha=-0.5, out=kept[k - 1, 2] if keep else None)
+        T = torch.baddbmm(eye15, Z, Y, alpha=-0.5, out=kept[k - 1, 2] if keep_iterates else None)
         if k + 1 < iters:
             Z = torch.bmm(T, Z, out=slot(k, 1))
         Y = torch.bmm(Y, T, out=slot(k, 0))

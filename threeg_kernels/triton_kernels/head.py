@@ -1,6 +1,6 @@
 """The whole pooling head as a sequence of kernel launches, forward and backward, for one LaunchConfig.
 
-    head_forward(x, weight, iters, eps, lower, keep, cfg)  -> (out, A, tr, iterates)
+    head_forward(x, weight, iters, eps, lower, keep_iterates, cfg)  -> (out, A, tr, iterates)
     head_backward(grad, x, weight, out, A, tr, iterates, iters, lower, cfg) -> (dx, dweight)
 
 Forward, docs/math.md (1)-(8): covariance (1 launch), Newton-Schulz with the trace folded into step 1
@@ -22,13 +22,13 @@ import torch
 from ._tiles import LaunchConfig
 from .covariance import covariance_backward, covariance_forward
 from .newton_schulz import newton_schulz_backward, newton_schulz_forward, newton_schulz_iterates
-from .triangle import triangle_backward
+from .triangle import scatter_triangle
 
 
-def head_forward(x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool, keep: bool,
-                 cfg: LaunchConfig):
+def head_forward(x: torch.Tensor, weight: Optional[torch.Tensor], iters: int, eps: float, lower: bool,
+                 keep_iterates: bool, cfg: LaunchConfig):
     sigma = covariance_forward(x, weight, eps, cfg)
-    return newton_schulz_forward(sigma, iters, lower, keep, cfg)
+    return newton_schulz_forward(sigma, iters, lower, keep_iterates, cfg)
 
 
 def head_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], out: torch.Tensor,
@@ -38,6 +38,6 @@ def head_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     A = A.contiguous()
     if iterates.numel() == 0:
         iterates = newton_schulz_iterates(A, iters, cfg)
-    dY, g_parts = triangle_backward(grad, out, tr, c, lower, cfg)
+    dY, g_parts = scatter_triangle(grad, out, tr, c, lower, cfg)
     dA, a_parts = newton_schulz_backward(dY, A, iterates.contiguous(), iters, cfg)
     return covariance_backward(dA, tr, a_parts, g_parts, x, weight, cfg)

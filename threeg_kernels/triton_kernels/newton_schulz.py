@@ -275,8 +275,8 @@ def _settings(cfg: LaunchConfig) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _run_steps(iterates, keep, iters, out, tr, lower, pack, cfg) -> None:
-    """Steps k = 2..K on the slots of `iterates` (slot k-2, or alternating slots when not keep).
+def _run_steps(iterates, keep_iterates, iters, out, tr, lower, pack, cfg) -> None:
+    """Steps k = 2..K on the slots of `iterates` (slot k-2, or alternating slots when not keep_iterates).
 
     pack: the last step writes the packed triangle; otherwise the sweep stops after T_K (what the
     backward needs).
@@ -286,7 +286,7 @@ def _run_steps(iterates, keep, iters, out, tr, lower, pack, cfg) -> None:
     _, _, b, c, _ = iterates.shape
     grid = _grids(b, c, cfg)
     s = _strides(*iterates.flatten(0, 1).unbind(0))
-    slot = (lambda k: k - 2) if keep else (lambda k: (k - 2) % 2)
+    slot = (lambda k: k - 2) if keep_iterates else (lambda k: (k - 2) % 2)
     for k in range(2, iters + 1):
         Yp, Zp, T = iterates[slot(k)].unbind(0)
         ns_t_kernel[grid](Zp, Yp, T, c, *s, **_settings(cfg))
@@ -299,21 +299,21 @@ def _run_steps(iterates, keep, iters, out, tr, lower, pack, cfg) -> None:
         )
 
 
-def newton_schulz_forward(sigma: torch.Tensor, iters: int, lower: bool, keep: bool, cfg: LaunchConfig):
-    """(out (B, C(C+1)/2), A, tr (B,), iterates) from Sigma (B, C, C); iterates is empty unless keep."""
+def newton_schulz_forward(sigma: torch.Tensor, iters: int, lower: bool, keep_iterates: bool, cfg: LaunchConfig):
+    """(out (B, C(C+1)/2), A, tr (B,), iterates) from Sigma (B, C, C); iterates is empty unless keep_iterates."""
     b, c, _ = sigma.shape
     A = torch.empty_like(sigma)
     tr = sigma.new_empty(b)
     out = sigma.new_empty(b, c * (c + 1) // 2)
-    slots = iters - 1 if keep else min(iters - 1, 2)
+    slots = iters - 1 if keep_iterates else min(iters - 1, 2)
     iterates = sigma.new_empty(slots, 3, b, c, c)
     Y1, Z1 = iterates[0].unbind(0)[:2] if iters > 1 else (sigma, sigma)
     ns_first_step_kernel[_grids(b, c, cfg)](
         sigma, A, Y1, Z1, out, tr, c, *_strides(sigma, A, Y1, Z1), *out.stride(),
         NORMALISE=True, LAST=iters == 1, LOWER=lower, **_settings(cfg),
     )
-    _run_steps(iterates, keep, iters, out, tr, lower, True, cfg)
-    return out, A, tr, iterates if keep else sigma.new_empty(0)
+    _run_steps(iterates, keep_iterates, iters, out, tr, lower, True, cfg)
+    return out, A, tr, iterates if keep_iterates else sigma.new_empty(0)
 
 
 def newton_schulz_iterates(A: torch.Tensor, iters: int, cfg: LaunchConfig) -> torch.Tensor:

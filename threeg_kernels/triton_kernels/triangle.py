@@ -6,7 +6,7 @@ Newton-Schulz product (newton_schulz.py), which computes only the tiles of that 
 written as a C x C matrix. The computed Y_K is not exactly symmetric, and its other triangle is not the
 function's output, so which triangle is read follows the order, as in reference.py.
 
-Backward: `triangle_backward_kernel` writes dY_K = sqrt(tr) G_S, the incoming gradient at the places of the
+Backward: `scatter_triangle_kernel` writes dY_K = sqrt(tr) G_S, the incoming gradient at the places of the
 order's triangle and 0 elsewhere, which is what autograd gives through the forward's gather; the reverse
 sweep starts from it as it is (not from sym(G_S) of (9), equal only in exact arithmetic; docs/triton.md).
 The same kernel reads out and leaves one partial sum of <dL/dout, out> per tile, for c of (13).
@@ -58,7 +58,7 @@ def store_packed(out_ptr, b, s_ob, s_op, rows, cols, val, C, LOWER: tl.constexpr
 
 
 @triton.jit
-def triangle_backward_kernel(
+def scatter_triangle_kernel(
     grad_ptr,  # (B, C(C+1)/2) float32/float64, any strides: dL/dout
     out_ptr,  # (B, C(C+1)/2) same dtype, any strides: the forward's output
     tr_ptr,  # (B,) trace of Sigma
@@ -84,7 +84,7 @@ def triangle_backward_kernel(
     tl.store(parts_ptr + b * T * T + ti * T + tj, tl.sum(tl.sum(g * o, 1), 0))
 
 
-def triangle_backward(
+def scatter_triangle(
     grad: torch.Tensor, out: torch.Tensor, tr: torch.Tensor, c: int, lower: bool, cfg: LaunchConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dY_K (B, C, C), partial sums of <grad, out> (B, T*T)) from dL/dout (B, C(C+1)/2)."""
@@ -92,7 +92,7 @@ def triangle_backward(
     t = cfg.tiles(c)
     dY = grad.new_empty(b, c, c)
     parts = grad.new_empty(b, t * t)
-    triangle_backward_kernel[(b, t, t)](
+    scatter_triangle_kernel[(b, t, t)](
         grad, out, tr, dY, parts, c, t, *grad.stride(), *out.stride(), *dY.stride(),
         LOWER=lower, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
