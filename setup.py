@@ -15,6 +15,11 @@ Switches (environment variables):
                             torch has CUDA, nvcc of the same major version runs, the CUDA headers are found)
     CUDA_HOME               the toolkit root (default: the first of $CUDA_PATH, /usr/local/cuda with bin/nvcc)
     TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
+    MAX_JOBS                parallel compile jobs (default: ninja's, CPUs + 2); also caps nvcc's --threads
+
+The sources compile in parallel (ninja): csrc/ops.cpp, csrc/cpu/cov_pool_ext.cpp and, with CUDA,
+csrc/cuda/cov_pool_ext.cu, whose nvcc job is the longest; nvcc's --threads compiles its architectures
+in parallel (see _nvcc_threads).
 """
 
 import glob
@@ -86,6 +91,18 @@ def _cuda_toolchain():
     return None, include_dirs
 
 
+def _nvcc_threads() -> int:
+    """Threads for nvcc: the .cu file is the longest job of the build (its host front end, cudafe++, then
+    per architecture cicc + ptxas, then the host compile), and nvcc runs those steps one after the other
+    unless told otherwise. With --threads each architecture's device compile runs in a thread of its own,
+    alongside cudafe++; ninja meanwhile compiles the C++ sources (MAX_JOBS caps ninja's jobs, and here
+    nvcc's threads too)."""
+    archs = len([a for a in re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a])
+    limit = os.environ.get("MAX_JOBS", "")
+    cpus = int(limit) if limit.isdigit() and int(limit) > 0 else (os.cpu_count() or 1)
+    return max(1, min(archs + 1, cpus))
+
+
 def extension_modules():
     """The compiled extension's modules and build command class (csrc/: CPU always, CUDA when usable)."""
     if _flag("THREEG_BUILD_EXT") is False:
@@ -128,7 +145,7 @@ def extension_modules():
             sources + ["csrc/cuda/cov_pool_ext.cu"],
             include_dirs=include_dirs,
             define_macros=[("THREEG_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", f"--threads={_nvcc_threads()}"]},
             extra_link_args=link,
         )
     else:

@@ -16,16 +16,16 @@ import threeg_kernels
 from threeg_kernels import models
 from threeg_kernels.models import CheckpointFormatError, CheckpointMismatchError
 
-# The clone's parent holds shared/ (in CI too); the file lists every key and shape of the released models.
-KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "state_dict_keys.json"
+# Every key and shape of the released checkpoints (state dicts of the published 3G-Net files, 'module.' stripped).
+KEYS_JSON = Path(__file__).resolve().parent / "data" / "state_dict_keys.json"
 RELEASED = ("resnet18_3g", "resnet50_3g", "resnet101_3g", "resnet50_3g_365")
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 # Triton runs on CPU only under its (very slow) interpreter: tests/test_triton.py covers it.
 POOL_BACKENDS = [b for b in threeg_kernels.available_backends("cpu") if b != "triton"]
 
-# Fused (AtMp3's map as cov_pool's weight, on `backend`) against unfused (a * map, then the reference
-# backend), resnet23_3g in train mode, 2 x 3 x 64 x 64: max |a - b| / max |b| per tensor, logits and
+# Fused (AtMp3's map as cov_pool's weight, on `backend`) against unfused (a * map, then pool_backend
+# 'reference', the yardstick), resnet23_3g in train mode, 2 x 3 x 64 x 64: max |a - b| / max |b| per tensor, logits and
 # every parameter gradient. Measured (CPU, 2026-11-26): float32 logits 1.3e-6 / 1.5e-6 and worst
 # gradient 1.5e-5 / 5.1e-6 (torch / ext backend); float64 logits <= 5.1e-15, gradients <= 2.8e-14.
 # On the 'reference' backend the two paths agree bit for bit: the fusion itself changes nothing.
@@ -44,8 +44,6 @@ def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def released_keys() -> dict:
-    if not KEYS_JSON.is_file():
-        pytest.skip(f"{KEYS_JSON} is missing: the key/shape tests need the project's shared/ folder next to the clone")
     return json.loads(KEYS_JSON.read_text())
 
 
@@ -75,7 +73,8 @@ def test_parameter_count_resnet50(released_keys):
     from_json = sum(math.prod(s) for k, s in released_keys["resnet50_3g"].items() if not k.endswith(BUFFER_SUFFIXES))
     model = meta_model("resnet50_3g")
     count = sum(p.numel() for p in model.parameters())
-    print(f"resnet50_3g: {count:,} parameters (json: {from_json:,}; fc: {model.fc.weight.numel() + model.fc.bias.numel():,})")
+    fc = model.fc.weight.numel() + model.fc.bias.numel()
+    print(f"resnet50_3g: {count:,} parameters (json: {from_json:,}; fc: {fc:,})")
     assert count == from_json
 
 
@@ -91,12 +90,30 @@ def test_registry_and_arguments():
         models.create_model("resnet51_3g")
     with pytest.raises(TypeError, match="resnet50_3g.*pretrained"):
         models.create_model("resnet50_3g", pretrained=True)
+    with pytest.raises(TypeError, match="resnet18_3g_365.*'fused'"):
+        models.resnet18_3g_365(fused=False)
     with pytest.raises(ValueError, match="pool_backend"):
         models.resnet18_3g(pool_backend="cuda")
     with pytest.raises(ValueError, match="num_classes"):
         models.resnet18_3g(num_classes=0)
     with pytest.raises(ValueError, match="iters"):
         models.resnet18_3g(iters=0)
+
+
+def test_register_model(monkeypatch):
+    from threeg_kernels.models import resnet_3g
+
+    monkeypatch.setattr(resnet_3g, "_MODELS", dict(resnet_3g._MODELS))  # registered for this test only
+
+    @models.register_model
+    def resnet10_3g(*, num_classes: int = 7, **options) -> models.ResNet3G:
+        return models.ResNet3G(models.BasicBlock, (1, 1, 1, 1), num_classes=num_classes, **options)
+
+    assert "resnet10_3g" in models.list_models()
+    model = meta_model("resnet10_3g", fused_head=False)
+    assert model.fc.out_features == 7 and len(model.layer3) == 1 and not model.fused_head
+    with pytest.raises(ValueError, match="'resnet10_3g' is already registered"):
+        models.register_model(resnet10_3g)
 
 
 def test_init():
@@ -114,7 +131,7 @@ def test_init():
 @pytest.mark.parametrize("backend", POOL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_head_matches_unfused(backend, dtype):
-    unfused = small_model("resnet23_3g", num_classes=10, fused_head=False).to(dtype)
+    unfused = small_model("resnet23_3g", num_classes=10, fused_head=False, pool_backend="reference").to(dtype)
     fused = models.resnet23_3g(num_classes=10, fused_head=True, pool_backend=backend).to(dtype)
     fused.load_state_dict(unfused.state_dict())
     gen = torch.Generator().manual_seed(1)
@@ -136,7 +153,8 @@ def test_fused_head_matches_unfused(backend, dtype):
 
 
 def test_fused_head_passes_the_map_as_weight(monkeypatch):
-    """The fused path never forms a * map: cov_pool gets AtMp3's input and its map (B, 1, H, W)."""
+    """The fused path never forms a * map: cov_pool gets AtMp3's input and its map (B, 1, H, W).
+    The unfused path pools a * map without weight, on the same pool_backend (never another one)."""
     from threeg_kernels.models import resnet_3g
 
     calls = []
@@ -151,7 +169,13 @@ def test_fused_head_passes_the_map_as_weight(monkeypatch):
         model(torch.randn(2, 3, 32, 32))
         model.fused_head = False
         model(torch.randn(2, 3, 32, 32))
-    assert calls == [((2, 256, 2, 2), (2, 1, 2, 2), "auto"), ((2, 256, 2, 2), None, "reference")]
+        model.pool_backend = "reference"
+        model(torch.randn(2, 3, 32, 32))
+    assert calls == [
+        ((2, 256, 2, 2), (2, 1, 2, 2), "auto"),
+        ((2, 256, 2, 2), None, "auto"),
+        ((2, 256, 2, 2), None, "reference"),
+    ]
 
 
 # --- features, crops, layouts, autocast ---------------------------------------------------------------
@@ -205,7 +229,7 @@ def test_channels_last_and_autocast(resnet18):
     x_cl = x.to(memory_format=torch.channels_last)
     for train in (False, True):
         # Fresh copies for each run: a train-mode forward updates the BatchNorm statistics.
-        fresh = lambda: copy.deepcopy(resnet18).train(train).to(memory_format=torch.channels_last)  # noqa: E731
+        fresh = lambda train=train: copy.deepcopy(resnet18).train(train).to(memory_format=torch.channels_last)  # noqa: E731
         with torch.no_grad():
             want = copy.deepcopy(resnet18).train(train)(x)
             got = fresh()(x_cl)
@@ -245,10 +269,19 @@ def layouts(state: dict):
     prefixed = {f"module.{k}": v for k, v in state.items()}
     return {
         "plain": state,
-        "released": {"epoch": 115, "arch": "resnet18_3g", "best_prec1": torch.tensor(70.0), "state_dict": prefixed,
-                     "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}},
-        "training": {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
-                     "args": argparse.Namespace(arch="resnet18_3g", lr=0.1)},
+        "released": {
+            "epoch": 115,
+            "arch": "resnet18_3g",
+            "best_prec1": torch.tensor(70.0),
+            "state_dict": prefixed,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+        },
+        "training": {
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 3,
+            "args": argparse.Namespace(arch="resnet18_3g", lr=0.1),
+        },
         "prefixed plain": prefixed,
     }
 
@@ -310,7 +343,7 @@ def test_load_truncated_and_extra_keys(source):
     truncated = {k: state[k] for k in keys[: len(keys) // 2]}
     with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint: layer_reduce_bn\.weight") as info:
         models.load_checkpoint(target, truncated)
-    assert info.value.report.missing == keys[len(truncated):]
+    assert info.value.report.missing == keys[len(truncated) :]
     assert "another depth" not in str(info.value)  # only the head is missing
     assert_same_state(target, before)
 

@@ -7,9 +7,12 @@ command line of a tiny run) are shared with those files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +46,33 @@ def make_tree(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: 
 
 def tiny_args(data_dir, out_dir, *extra) -> list[str]:
     """A ResNet18-3G at 32 px (a 2x2 map after layer4 at stride 1), batch 4, one epoch, no workers."""
-    return ["--data", str(data_dir), "--output-dir", str(out_dir), "--arch", "resnet18_3g", "--device", "cpu",
-            "--image-size", "32", "--val-resize", "36", "--val-crop", "32", "--batch-size", "4", "--epochs", "1",
-            "--workers", "0", "--lr", "0.01", "--print-freq", "2", *extra]
+    return [
+        "--data",
+        str(data_dir),
+        "--output-dir",
+        str(out_dir),
+        "--arch",
+        "resnet18_3g",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--val-resize",
+        "36",
+        "--val-crop",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--lr",
+        "0.01",
+        "--print-freq",
+        "2",
+        *extra,
+    ]
 
 
 def read_summary(path) -> list[dict]:
@@ -64,24 +91,46 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tree, tmp_path_factory):
-    """One epoch of train + eval, in process; returns the output directory."""
+    """One epoch of train + eval (gradient clipping on), in process; returns the output directory (its
+    stdout in ../stdout.txt)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(tiny_args(tree, out, "--time-head-steps", "2")) == 0
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(tiny_args(tree, out, "--time-head-steps", "2", "--clip-grad", "5")) == 0
+    (out.parent / "stdout.txt").write_text(stdout.getvalue())
     return out
 
 
 def test_one_epoch_writes_the_run_files(trained):
     assert sorted(p.name for p in trained.iterdir()) == [
-        "args.yaml", "best.pth", "head_timing.json", "last.pth", "summary.csv"]
+        "args.yaml",
+        "best.pth",
+        "head_timing.json",
+        "last.pth",
+        "summary.csv",
+    ]
     rows = read_summary(trained / "summary.csv")
     assert [r["epoch"] for r in rows] == ["0"]
     assert np.isfinite(float(rows[0]["train_loss"])) and 0 <= float(rows[0]["val_top1"]) <= 100
     saved = yaml.safe_load((trained / "args.yaml").read_text())
     assert saved["arch"] == "resnet18_3g" and saved["batch_size"] == 4 and saved["data"].endswith("tree0")
+    assert saved["clip_grad"] == 5.0
 
     state = torch.load(trained / "last.pth", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "best_top1", "best_epoch", "args",
-            "classes", "sampler", "rng", "metrics"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "lr_scheduler",
+        "scaler",
+        "epoch",
+        "best_top1",
+        "best_epoch",
+        "args",
+        "classes",
+        "sampler",
+        "rng",
+        "metrics",
+    } <= set(state)
     assert state["epoch"] == 0 and state["classes"] == ["c0", "c1", "c2"]
     assert state["model"]["fc.weight"].shape == (3, 32896)
     assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
@@ -98,6 +147,27 @@ def test_head_timing_is_recorded(trained):
     assert timing["ops"] and all(op.startswith("threeg::") for op in timing["ops"])
 
 
+def test_the_printed_commands_evaluate_and_resume_the_run(trained, capsys):
+    """The end of a run names its files and prints a command to evaluate it and one to resume it."""
+    lines = (trained.parent / "stdout.txt").read_text().splitlines()
+    assert any(line.startswith(f"run files in {trained}: last.pth") and "summary.csv" in line for line in lines)
+    commands = {}
+    for line in lines:
+        for what in ("evaluate it: ", "resume it (after an interruption): "):
+            if line.startswith(what):
+                commands[what.split()[0]] = shlex.split(line[len(what) :])
+    assert set(commands) == {"evaluate", "resume"}
+    for argv in commands.values():
+        assert argv[0] == os.path.relpath(sys.executable) and argv[1:3] == ["-m", "train"]
+        assert "--arch" in argv and "--overwrite" not in argv
+    assert main(commands["evaluate"][3:]) == 0
+    assert "best.pth: val top-1" in capsys.readouterr().out
+    checkpoints = {name: digest(trained / name) for name in ("last.pth", "best.pth")}
+    assert main(commands["resume"][3:]) == 0  # the run is complete: resuming it has nothing to do
+    assert "nothing to do: the checkpoint has finished epoch 0" in capsys.readouterr().out
+    assert {name: digest(trained / name) for name in checkpoints} == checkpoints
+
+
 @pytest.mark.parametrize("ten_crop", [False, True])
 def test_evaluate_a_checkpoint(trained, tree, tmp_path, capsys, ten_crop):
     argv = tiny_args(tree, tmp_path / "unused", "--evaluate", "--checkpoint", str(trained / "best.pth"))
@@ -111,8 +181,15 @@ def test_evaluate_a_released_style_checkpoint(trained, tree, tmp_path, capsys):
     """{'state_dict': {'module.' + key: ...}, 'best_prec1': ...} as 3G-Net released them (DataParallel)."""
     model = torch.load(trained / "best.pth", weights_only=True)["model"]
     released = tmp_path / "resnet18_3g.pth.tar"
-    torch.save({"epoch": 1, "arch": "resnet18_3g", "best_prec1": torch.tensor(1.0),
-                "state_dict": {f"module.{k}": v for k, v in model.items()}}, released)
+    torch.save(
+        {
+            "epoch": 1,
+            "arch": "resnet18_3g",
+            "best_prec1": torch.tensor(1.0),
+            "state_dict": {f"module.{k}": v for k, v in model.items()},
+        },
+        released,
+    )
     assert main(tiny_args(tree, tmp_path / "o", "--evaluate", "--checkpoint", str(released))) == 0
     assert "val top-1" in capsys.readouterr().out
 
@@ -174,13 +251,16 @@ def test_command_line_overrides_the_config(tmp_path):
     assert parse_args(["--config", str(cfg), "--fused-head"]).fused_head is True
 
 
-@pytest.mark.parametrize("text, message", [
-    ("bacth_size: 4\n", "unknown option 'bacth_size'"),
-    ("lr: fast\n", "option 'lr': expected float"),
-    ("amp: fp8\n", "expected one of"),
-    ("crop_scale: 0.5\n", "expected a list"),
-    ("- 1\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bacth_size: 4\n", "unknown option 'bacth_size'"),
+        ("lr: fast\n", "option 'lr': expected float"),
+        ("amp: fp8\n", "expected one of"),
+        ("crop_scale: 0.5\n", "expected a list"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
 def test_bad_config_is_refused(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
@@ -203,8 +283,14 @@ def test_paper_schedules():
     assert places == pytest.approx([0.1 * 0.1 ** sum(e > t for t in (30, 40, 45, 50)) for e in range(55)])
     for config in ("imagenet_resnet50_3g.yaml", "places365_resnet50_3g.yaml"):
         args = parse_args(["--config", str(REPO / "train" / "configs" / config)])
-        assert (args.batch_size, args.momentum, args.weight_decay, args.image_size, args.val_resize,
-                args.val_crop) == (256, 0.9, 1e-4, 224, 256, 224)
+        assert (args.batch_size, args.momentum, args.weight_decay, args.image_size, args.val_resize, args.val_crop) == (
+            256,
+            0.9,
+            1e-4,
+            224,
+            256,
+            224,
+        )
     assert parse_args(["--config", str(REPO / "train/configs/places365_resnet50_3g.yaml")]).ten_crop
 
 
@@ -239,6 +325,12 @@ def test_rng_state_round_trip():
 
 
 # -- bad input: a clear message, a non-zero exit, nothing written --------------------------------------------
+
+
+def test_negative_clip_grad_is_refused(tree, tmp_path, capsys):
+    assert main(tiny_args(tree, tmp_path / "out", "--clip-grad", "-1")) == 2
+    assert "--clip-grad must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_dir(tmp_path, capsys):
@@ -301,8 +393,13 @@ def test_bad_checkpoint_file(tree, tmp_path, capsys):
 
 def test_a_users_mistake_prints_no_traceback(tmp_path):
     """The same through `python -m train`, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "train", *tiny_args(tmp_path / "nope", tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *tiny_args(tmp_path / "nope", tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --data") and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

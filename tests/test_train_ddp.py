@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from .test_train import REPO, make_tree, read_summary, tiny_args
@@ -31,18 +32,37 @@ from .test_train import REPO, make_tree, read_summary, tiny_args
 LOSS_RTOL, WEIGHT_RTOL = 1e-5, 1e-4
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     tree = make_tree(tmp_path / "tree", classes=3, train=8, val=4)
     args = tiny_args(tree, "OUT", "--epochs", "2", "--freeze-bn", "--crop-scale", "0.3", "1.0")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
 
-    one = subprocess.run([sys.executable, "-m", "train", *[str(tmp_path / "one") if a == "OUT" else a for a in args]],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "train", *[str(tmp_path / "one") if a == "OUT" else a for a in args]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", "-m", "train",
-                          *[str(tmp_path / "two") if a == "OUT" else a for a in args]],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "train",
+            *[str(tmp_path / "two") if a == "OUT" else a for a in args],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "2 rank(s) on cpu, batch 4 (2 a rank)" in two.stdout
     assert two.stdout.count("epoch 1: train loss") == 1  # logged by rank 0 only
@@ -59,8 +79,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     w1 = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["model"]
     w2 = torch.load(tmp_path / "two" / "last.pth", weights_only=True)["model"]
     assert w1.keys() == w2.keys()
-    worst = max(((w1[k] - w2[k]).abs().max() / w1[k].abs().max().clamp_min(1e-12)).item()
-                for k in w1 if w1[k].is_floating_point())
+    worst = max(
+        ((w1[k] - w2[k]).abs().max() / w1[k].abs().max().clamp_min(1e-12)).item()
+        for k in w1
+        if w1[k].is_floating_point()
+    )
     assert worst <= WEIGHT_RTOL, f"weights differ by {worst:.1e} relative"
-    print(f"DDP vs 1 process: losses {[(r1['train_loss'], r2['train_loss']) for r1, r2 in zip(rows1, rows2)]}, "
-          f"worst relative weight difference {worst:.2e}")
+    print(
+        f"DDP vs 1 process: losses {[(r1['train_loss'], r2['train_loss']) for r1, r2 in zip(rows1, rows2)]}, "
+        f"worst relative weight difference {worst:.2e}"
+    )

@@ -1,7 +1,9 @@
 """The digits demo (`make demo`): ResNet18-3G with the fused head, trained on CPU from
-train/configs/digits_demo.yaml through the same pipeline as ImageNet, reaches >= 95% validation top-1.
+train/configs/digits_demo.yaml through the same pipeline as ImageNet, reaches >= 95% validation top-1
+(98.33% measured, docs/training.md).
 
-Slow (the whole demo, about 2-3 minutes on 2 idle cores) but part of `make test`.
+Marked slow (the whole demo: 118 s on the 2-core machine of docs/training.md, load average ~2 from other
+processes), so `make test` runs it and `make test-fast` does not.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from .test_train import REPO, read_summary
 def test_digits_demo_reaches_95_percent(tmp_path):
     out = tmp_path / "demo"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/digits_demo.yaml",
-                           "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "train/configs/digits_demo.yaml", "--output-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_summary(out / "summary.csv")

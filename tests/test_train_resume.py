@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from .test_train import REPO, make_tree, read_summary, tiny_args
@@ -24,10 +25,15 @@ STEPS = 6  # 24 training images, batch 4
 
 def command(tree, out, *extra):
     # Augmentation on (RandomResizedCrop + flip) so that its seeding is part of what is checked.
-    return [sys.executable, "-m", "train", *tiny_args(tree, out, "--epochs", str(EPOCHS), "--print-freq", "1",
-                                                     "--crop-scale", "0.3", "1.0", *extra)]
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        *tiny_args(tree, out, "--epochs", str(EPOCHS), "--print-freq", "1", "--crop-scale", "0.3", "1.0", *extra),
+    ]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     tree = make_tree(tmp_path / "tree", classes=2, train=12, val=3)
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -35,8 +41,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
     # Kill the second run once it reports step 2 of epoch 1 (the second epoch): the progress line is
     # printed after that step's optimizer update, with STEPS - 2 steps and the epoch's checkpoint to go.
-    proc = subprocess.Popen(command(tree, cut), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(command(tree, cut), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen = []
     try:
         for line in proc.stdout:
@@ -53,16 +58,18 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert [r["epoch"] for r in read_summary(cut / "summary.csv")] == ["0"]
     assert not [f for f in os.listdir(cut) if f.endswith(".tmp")]
 
-    resumed = subprocess.run(command(tree, cut, "--resume", str(cut / "last.pth")), cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command(tree, cut, "--resume", str(cut / "last.pth")), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
 
     a = torch.load(full / "last.pth", weights_only=True)
     b = torch.load(cut / "last.pth", weights_only=True)
     assert a["epoch"] == b["epoch"] == EPOCHS - 1
-    worst = max((x.double() - b["model"][k].double()).abs().max().item() for k, x in a["model"].items()
-                if x.is_floating_point())
+    worst = max(
+        (x.double() - b["model"][k].double()).abs().max().item() for k, x in a["model"].items() if x.is_floating_point()
+    )
     assert worst == 0.0, f"weights differ by up to {worst}"
     for k, st in a["optimizer"]["state"].items():
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
@@ -72,5 +79,6 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     rows_a, rows_b = read_summary(full / "summary.csv"), read_summary(cut / "summary.csv")
     assert [r["epoch"] for r in rows_b] == [str(e) for e in range(EPOCHS)]
     drop = ("train_img_s", "epoch_s")  # timings
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in rows_b]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rows_b
+    ]

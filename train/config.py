@@ -26,49 +26,86 @@ def build_parser() -> argparse.ArgumentParser:
     bool_opt = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, help="YAML file of option values; the command line overrides it")
-    g.add_argument("--output-dir", default=None, help="checkpoints, args.yaml and summary.csv go here (default: runs/train, or the directory of --resume)")
+    g.add_argument(
+        "--output-dir",
+        default=None,
+        help="checkpoints, args.yaml and summary.csv go here (default: runs/train, or the directory of --resume)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     g.add_argument("--resume", default=None, metavar="PATH", help="a last.pth/best.pth of this pipeline")
     g.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on val/ and exit")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="weights for --evaluate: this pipeline's checkpoints or the released 3G-Net files")
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="weights for --evaluate: this pipeline's checkpoints or the released 3G-Net files",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (cuDNN benchmark off)")
     g.add_argument("--print-freq", type=int, default=10, help="progress line every N steps")
     g.add_argument("--tensorboard", action=bool_opt, default=True, help="event files if tensorboard is installed")
-    g.add_argument("--time-head-steps", type=int, default=0,
-                   help="profile this many training steps of the first epoch (after one warm-up step) and "
-                        "report the pooling head's share of step time; 0 = off")
+    g.add_argument(
+        "--time-head-steps",
+        type=int,
+        default=0,
+        help="profile this many training steps of the first epoch (after one warm-up step) and "
+        "report the pooling head's share of step time; 0 = off",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="root of the ImageFolder tree with train/ and val/")
-    g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "digits"],
-                   help="'digits': write scikit-learn's 8x8 digits as an ImageFolder tree at --data first")
+    g.add_argument(
+        "--dataset",
+        default="imagefolder",
+        choices=["imagefolder", "digits"],
+        help="'digits': write scikit-learn's 8x8 digits as an ImageFolder tree at --data first",
+    )
     g.add_argument("--digits-val-fraction", type=float, default=0.2, help="digits: share of images in val/")
     g.add_argument("--split-seed", type=int, default=0, help="digits: seed of the stratified train/val split")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
     g.add_argument("--image-size", type=int, default=224, help="RandomResizedCrop size for training")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop area range")
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=[0.08, 1.0],
+        metavar=("MIN", "MAX"),
+        help="RandomResizedCrop area range",
+    )
     g.add_argument("--hflip", action=bool_opt, default=True, help="random horizontal flip in training")
     g.add_argument("--val-resize", type=int, default=256, help="evaluation: Resize (shorter side)")
     g.add_argument("--val-crop", type=int, default=224, help="evaluation: CenterCrop / TenCrop size")
-    g.add_argument("--ten-crop", action=bool_opt, default=False,
-                   help="evaluate on TenCrop(val-crop), logits averaged over the crops")
+    g.add_argument(
+        "--ten-crop",
+        action=bool_opt,
+        default=False,
+        help="evaluate on TenCrop(val-crop), logits averaged over the crops",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50_3g", help="a name from threeg_kernels.models.list_models()")
-    g.add_argument("--fused-head", action=bool_opt, default=True,
-                   help="hand AtMp3's attention map to cov_pool as its weight (no (B,256,H,W) product)")
+    g.add_argument(
+        "--fused-head",
+        action=bool_opt,
+        default=True,
+        help="hand AtMp3's attention map to cov_pool as its weight (no (B,256,H,W) product)",
+    )
     g.add_argument("--pool-backend", default="auto", help="cov_pool backend: auto, reference, torch, triton, ext")
     g.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps of the head")
     g.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="autocast dtype")
     g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--sync-bn", action=bool_opt, default=None,
-                   help="SyncBatchNorm under DDP (default: on for several CUDA ranks; it does not run on CPU)")
-    g.add_argument("--freeze-bn", action="store_true",
-                   help="keep BatchNorm in eval mode (running statistics used and kept; affine parameters train)")
+    g.add_argument(
+        "--sync-bn",
+        action=bool_opt,
+        default=None,
+        help="SyncBatchNorm under DDP (default: on for several CUDA ranks; it does not run on CPU)",
+    )
+    g.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="keep BatchNorm in eval mode (running statistics used and kept; affine parameters train)",
+    )
 
     g = p.add_argument_group("optimisation (SGD)")
     g.add_argument("--epochs", type=int, default=115)
@@ -77,15 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--lr-schedule", default="multistep", choices=["multistep", "cosine"])
-    g.add_argument("--lr-milestones", type=int, nargs="*", default=[30, 60, 90],
-                   help="multistep: epochs (0-based) at which lr is multiplied by --lr-gamma")
+    g.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="*",
+        default=[30, 60, 90],
+        help="multistep: epochs (0-based) at which lr is multiplied by --lr-gamma",
+    )
     g.add_argument("--lr-gamma", type=float, default=0.1)
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up from lr/10 over these epochs")
+    g.add_argument(
+        "--clip-grad",
+        type=float,
+        default=0.0,
+        metavar="NORM",
+        help="clip the gradients' global L2 norm to NORM before each step (all parameters together); 0 = off",
+    )
     return p
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """A YAML value checked like the same value on the command line."""
+
     def fail(why: str):
         raise UserError(f"{source}: option '{key}': {why}; got {value!r}")
 
@@ -153,6 +203,30 @@ def _find_config(argv: Optional[Sequence[str]]) -> Optional[str]:
     finder.add_argument("--config", default=None)
     known, _ = finder.parse_known_args(argv)
     return known.config
+
+
+def options_of(args: argparse.Namespace, skip: Sequence[str] = ()) -> list[str]:
+    """The options that give `args` again: --config (if one was used), then every option whose value
+    differs from what that config (or the defaults) gives, except the destinations in `skip`."""
+    parser = build_parser()
+    base = vars(parse_args(["--config", args.config] if args.config else []))
+    out = ["--config", args.config] if args.config else []
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "config", *skip) or not action.option_strings:
+            continue
+        value = getattr(args, dest)
+        if value == base[dest] or value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(action.option_strings[0 if value else 1])
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(action.option_strings[0])
+        elif isinstance(value, (list, tuple)):
+            out += [action.option_strings[0], *map(str, value)]
+        else:
+            out += [action.option_strings[0], str(value)]
+    return out
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:

@@ -47,12 +47,14 @@ def eval_transform(args) -> transforms.Compose:
     """Resize + CenterCrop (1-crop) -> (3, H, W), or Resize + TenCrop -> (10, 3, H, W)."""
     if args.ten_crop:
         return transforms.Compose([transforms.Resize(args.val_resize), transforms.TenCrop(args.val_crop), StackCrops()])
-    return transforms.Compose([
-        transforms.Resize(args.val_resize),
-        transforms.CenterCrop(args.val_crop),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(args.val_resize),
+            transforms.CenterCrop(args.val_crop),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
@@ -114,11 +116,14 @@ class ShardSampler(Sampler):
 
 
 def train_loader(dataset, args, info, per_rank_batch: int) -> DataLoader:
-    sampler = EpochTaggedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=args.seed)
+    sampler = EpochTaggedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
     return DataLoader(
-        PerSampleSeeded(dataset, args.seed), batch_size=per_rank_batch, sampler=sampler,
-        num_workers=args.workers, pin_memory=info.device.type == "cuda", drop_last=True,
+        PerSampleSeeded(dataset, args.seed),
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=info.device.type == "cuda",
+        drop_last=True,
         persistent_workers=False,
     )
 
@@ -127,8 +132,11 @@ def val_loader(dataset, args, info, per_rank_batch: int) -> DataLoader:
     # 10 crops an image: as many crops a batch as a 1-crop batch has images.
     batch = max(1, per_rank_batch // 10) if args.ten_crop else per_rank_batch
     return DataLoader(
-        dataset, batch_size=batch, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-        num_workers=args.workers, pin_memory=info.device.type == "cuda",
+        dataset,
+        batch_size=batch,
+        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+        num_workers=args.workers,
+        pin_memory=info.device.type == "cuda",
     )
 
 
@@ -139,8 +147,12 @@ DIGITS_MARKER = "digits.json"
 
 
 def digits_spec(val_fraction: float, split_seed: int) -> dict:
-    return {"source": "sklearn.datasets.load_digits", "format": 1, "val_fraction": val_fraction,
-            "split_seed": split_seed}
+    return {
+        "source": "sklearn.datasets.load_digits",
+        "format": 1,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+    }
 
 
 def check_digits_tree(root: str, val_fraction: float, split_seed: int) -> bool:
@@ -150,8 +162,10 @@ def check_digits_tree(root: str, val_fraction: float, split_seed: int) -> bool:
         return False
     marker = os.path.join(root, DIGITS_MARKER)
     if not os.path.isfile(marker):
-        raise UserError(f"--data {root}: exists and is not a digits tree written by this program; "
-                        "choose another --data (it is not overwritten)")
+        raise UserError(
+            f"--data {root}: exists and is not a digits tree written by this program; "
+            "choose another --data (it is not overwritten)"
+        )
     with open(marker) as f:
         found = json.load(f)
     want = digits_spec(val_fraction, split_seed)
@@ -171,8 +185,9 @@ def write_digits_tree(root: str, val_fraction: float, split_seed: int) -> None:
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     index = np.arange(len(images))
-    train_idx, val_idx = train_test_split(index, test_size=val_fraction, stratify=digits.target,
-                                          random_state=split_seed)
+    train_idx, val_idx = train_test_split(
+        index, test_size=val_fraction, stratify=digits.target, random_state=split_seed
+    )
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)

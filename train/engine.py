@@ -50,7 +50,9 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / step * (self.total - step)
         width = len(str(self.total))
-        line = f"{self.desc} [{step:>{width}}/{self.total}] eta {_hms(eta)} " + " ".join(f"{k} {v}" for k, v in fields.items())
+        line = f"{self.desc} [{step:>{width}}/{self.total}] eta {_hms(eta)} " + " ".join(
+            f"{k} {v}" for k, v in fields.items()
+        )
         distributed.log(line)
 
     def close(self) -> None:
@@ -117,16 +119,18 @@ def _quiet_stderr():
 class HeadTimer:
     """The pooling head's share of training step time, measured with torch.profiler.
 
-    Every cov_pool backend runs as two registered ops, threeg::<backend>_forward and
-    threeg::<backend>_backward (the backward op is what autograd calls), so the profiler records each
-    call of the head under one name, with the time from its start to its end (children included).
+    Every cov_pool backend but 'reference' runs as two registered ops, threeg::cov_pool_<backend>_forward
+    and threeg::cov_pool_<backend>_backward (e.g. threeg::cov_pool_torch_forward; the backward op is what
+    autograd calls), so the profiler records each call of the head under one name, with the time from its
+    start to its end (children included). The 'reference' backend is plain ATen ops under autograd and
+    is not attributed.
     `steps` training steps are profiled after `warmup` unprofiled ones; the step time is the wall time
     from moving the batch to the device to the end of optimizer.step() (data loading excluded), and
     the head time is the sum of those ops' durations in the same steps. On CUDA the device is
     synchronised at step ends and the head's time is its kernels' device time.
     """
 
-    OP = re.compile(r"^threeg::(\w+)_(forward|backward)$")
+    OP = re.compile(r"^threeg::cov_pool_(\w+)_(forward|backward)$")
 
     def __init__(self, steps: int, device: torch.device, warmup: int = 1):
         self.steps, self.device, self.warmup = steps, device, warmup
@@ -166,8 +170,14 @@ class HeadTimer:
         n = len(self.step_times)
         step_ms = 1e3 * sum(self.step_times) / max(n, 1)
         head_ms = head_us / 1e3 / max(n, 1)
-        self.result = {"steps": n, "batch_per_rank": batch, "step_ms": step_ms, "head_ms": head_ms,
-                       "head_share": head_ms / step_ms if step_ms > 0 else float("nan"), "ops": sorted(ops)}
+        self.result = {
+            "steps": n,
+            "batch_per_rank": batch,
+            "step_ms": step_ms,
+            "head_ms": head_ms,
+            "head_share": head_ms / step_ms if step_ms > 0 else float("nan"),
+            "ops": sorted(ops),
+        }
         self.prof = None
 
     def _inside_head(self, ev) -> bool:
@@ -183,15 +193,28 @@ class HeadTimer:
         if r is None:
             return "head timing: not measured (fewer training steps than --time-head-steps + 1)"
         if not r["ops"]:
-            return ("head timing: no threeg::*_forward/_backward op ran (the 'reference' backend, e.g. "
-                    "--no-fused-head with --pool-backend auto, is plain ATen ops and is not attributed)")
-        return (f"head (cov_pool forward + backward, {', '.join(r['ops'])}): {r['head_ms']:.1f} ms of "
-                f"{r['step_ms']:.1f} ms per training step = {100 * r['head_share']:.1f}% "
-                f"(torch.profiler over {r['steps']} steps of {r['batch_per_rank']} images)")
+            return (
+                "head timing: no threeg::cov_pool_*_forward/_backward op ran (the 'reference' backend, "
+                "e.g. --pool-backend reference, is plain ATen ops and is not attributed)"
+            )
+        return (
+            f"head (cov_pool forward + backward, {', '.join(r['ops'])}): {r['head_ms']:.1f} ms of "
+            f"{r['step_ms']:.1f} ms per training step = {100 * r['head_share']:.1f}% "
+            f"(torch.profiler over {r['steps']} steps of {r['batch_per_rank']} images)"
+        )
 
 
-def train_one_epoch(model, criterion, optimizer, loader, epoch: int, args, info: DistInfo, scaler,
-                    head_timer: Optional[HeadTimer] = None) -> dict:
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    loader,
+    epoch: int,
+    args,
+    info: DistInfo,
+    scaler,
+    head_timer: Optional[HeadTimer] = None,
+) -> dict:
     set_train_mode(model, args.freeze_bn)
     device = info.device
     lr = optimizer.param_groups[0]["lr"]
@@ -210,6 +233,9 @@ def train_one_epoch(model, criterion, optimizer, loader, epoch: int, args, info:
             loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         if profiling:
@@ -219,33 +245,54 @@ def train_one_epoch(model, criterion, optimizer, loader, epoch: int, args, info:
 
         n = images.shape[0]
         with torch.no_grad():
-            sums += torch.cat([(loss.detach().double() * n).view(1), correct_topk(output.detach(), target).double(),
-                               sums.new_tensor([n])])
+            sums += torch.cat(
+                [
+                    (loss.detach().double() * n).view(1),
+                    correct_topk(output.detach(), target).double(),
+                    sums.new_tensor([n]),
+                ]
+            )
         if progress.due(step + 1):
             local = sums.tolist()
             if not math.isfinite(local[0]):
-                raise UserError(f"the training loss became {local[0]} in epoch {epoch}, step {step}; "
-                                "lower --lr, or use --amp none / bf16 instead of fp16")
+                raise UserError(
+                    f"the training loss became {local[0]} in epoch {epoch}, step {step}; "
+                    "lower --lr, or use --amp none / bf16 instead of fp16"
+                )
             now = time.perf_counter()
             img_s = (local[3] - last_count) * info.world_size / max(now - last_time, 1e-9)
             last_time, last_count = now, local[3]
-            progress.update(step + 1, {
-                "loss": f"{loss.item():.4f} ({local[0] / local[3]:.4f})",
-                "top1": f"{100 * local[1] / local[3]:.2f}", "top5": f"{100 * local[2] / local[3]:.2f}",
-                "img/s": f"{img_s:.1f}", "lr": f"{lr:.4g}",
-            })
+            progress.update(
+                step + 1,
+                {
+                    "loss": f"{loss.item():.4f} ({local[0] / local[3]:.4f})",
+                    "top1": f"{100 * local[1] / local[3]:.2f}",
+                    "top5": f"{100 * local[2] / local[3]:.2f}",
+                    "img/s": f"{img_s:.1f}",
+                    "lr": f"{lr:.4g}",
+                },
+            )
     progress.close()
     if head_timer is not None:
         head_timer.finish(loader.batch_size)
     seconds = time.perf_counter() - epoch_start
     loss_sum, top1, top5, count = distributed.all_reduce_sum(sums, info).tolist()
     if count == 0:
-        raise UserError(f"no training step ran: {len(loader.dataset)} images and a batch of "
-                        f"{loader.batch_size} a rank (drop_last); lower --batch-size")
+        raise UserError(
+            f"no training step ran: {len(loader.dataset)} images and a batch of "
+            f"{loader.batch_size} a rank (drop_last); lower --batch-size"
+        )
     if not math.isfinite(loss_sum):
         raise UserError(f"the training loss became {loss_sum} in epoch {epoch}; lower --lr, or use --amp none / bf16")
-    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-            "images": int(count), "seconds": seconds, "img_s": count / seconds, "lr": lr}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100 * top1 / count,
+        "top5": 100 * top5 / count,
+        "images": int(count),
+        "seconds": seconds,
+        "img_s": count / seconds,
+        "lr": lr,
+    }
 
 
 @torch.no_grad()
@@ -264,13 +311,22 @@ def evaluate(model, criterion, loader, args, info: DistInfo, desc: str = "Val") 
         sums += torch.cat([(loss.double() * n).view(1), correct_topk(output, target).double(), sums.new_tensor([n])])
         if progress.due(step + 1):
             local = sums.tolist()
-            progress.update(step + 1, {
-                "loss": f"{local[0] / local[3]:.4f}", "top1": f"{100 * local[1] / local[3]:.2f}",
-                "top5": f"{100 * local[2] / local[3]:.2f}",
-                "img/s": f"{local[3] * info.world_size / (time.perf_counter() - start):.1f}",
-            })
+            progress.update(
+                step + 1,
+                {
+                    "loss": f"{local[0] / local[3]:.4f}",
+                    "top1": f"{100 * local[1] / local[3]:.2f}",
+                    "top5": f"{100 * local[2] / local[3]:.2f}",
+                    "img/s": f"{local[3] * info.world_size / (time.perf_counter() - start):.1f}",
+                },
+            )
     progress.close()
     loss_sum, top1, top5, count = distributed.all_reduce_sum(sums, info).tolist()
     count = max(count, 1)
-    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-            "images": int(count), "seconds": time.perf_counter() - start}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100 * top1 / count,
+        "top5": 100 * top5 / count,
+        "images": int(count),
+        "seconds": time.perf_counter() - start,
+    }

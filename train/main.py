@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from typing import Optional, Sequence
@@ -21,16 +22,47 @@ from threeg_kernels import dispatch
 from threeg_kernels.models import create_model, list_models, load_checkpoint
 
 from . import checkpoint, data, distributed, engine
-from .config import UserError, args_to_yaml, parse_args
+from .config import UserError, args_to_yaml, options_of, parse_args
 from .distributed import DistInfo, log
 
 RUN_FILES = ("last.pth", "best.pth", "summary.csv")
-SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
-                  "best_val_top1", "train_img_s", "epoch_s")
+SUMMARY_FIELDS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "train_top5",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "best_val_top1",
+    "train_img_s",
+    "epoch_s",
+)
 # Options that change the numbers of a run: resuming with other values is allowed but reported.
-RESUME_KEYS = ("arch", "fused_head", "iters", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
-               "lr_milestones", "lr_gamma", "warmup_epochs", "seed", "image_size", "crop_scale", "hflip", "amp",
-               "freeze_bn", "dataset", "split_seed", "digits_val_fraction")
+RESUME_KEYS = (
+    "arch",
+    "fused_head",
+    "iters",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "lr_milestones",
+    "lr_gamma",
+    "warmup_epochs",
+    "clip_grad",
+    "seed",
+    "image_size",
+    "crop_scale",
+    "hflip",
+    "amp",
+    "freeze_bn",
+    "dataset",
+    "split_seed",
+    "digits_val_fraction",
+)
 
 
 class LRFactor:
@@ -74,8 +106,8 @@ def validate(args, info: DistInfo) -> None:
     for name in ("epochs", "batch_size", "iters", "image_size", "val_resize", "val_crop", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    if args.workers < 0 or args.time_head_steps < 0 or args.warmup_epochs < 0:
-        raise UserError("--workers, --time-head-steps and --warmup-epochs must be >= 0")
+    if args.workers < 0 or args.time_head_steps < 0 or args.warmup_epochs < 0 or not args.clip_grad >= 0:
+        raise UserError("--workers, --time-head-steps, --warmup-epochs and --clip-grad must be >= 0")
     if args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} ranks")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
@@ -107,12 +139,17 @@ def check_output_dir(args) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output-dir {out}: exists and is not a directory")
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    resuming_here = bool(args.resume) and os.path.isdir(out) and os.path.samefile(
-        os.path.dirname(os.path.abspath(args.resume)), out)
+    resuming_here = (
+        bool(args.resume)
+        and os.path.isdir(out)
+        and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), out)
+    )
     if found and not args.overwrite and not resuming_here:
-        raise UserError(f"--output-dir {out} already holds a run ({', '.join(found)}); pass --resume "
-                        f"{os.path.join(out, 'last.pth')} to continue it, --overwrite to replace it, "
-                        "or another --output-dir")
+        raise UserError(
+            f"--output-dir {out} already holds a run ({', '.join(found)}); pass --resume "
+            f"{os.path.join(out, 'last.pth')} to continue it, --overwrite to replace it, "
+            "or another --output-dir"
+        )
 
 
 def check_classes(source: str, state: dict, classes: list, where: str) -> None:
@@ -123,14 +160,16 @@ def check_classes(source: str, state: dict, classes: list, where: str) -> None:
     if saved is not None and list(saved) != list(classes):
         only_ckpt = sorted(set(saved) - set(classes))[:5]
         only_data = sorted(set(classes) - set(saved))[:5]
-        raise UserError(f"{source}: trained on other classes than {where} has "
-                        f"(only in the checkpoint: {only_ckpt}; only in the data: {only_data}; or another order)")
+        raise UserError(
+            f"{source}: trained on other classes than {where} has "
+            f"(only in the checkpoint: {only_ckpt}; only in the data: {only_data}; or another order)"
+        )
 
 
 def read_checkpoint(path: str, opt: str) -> dict:
     try:
         state = checkpoint.load(path)
-    except Exception as e:  # truncated file, not a torch file, objects weights_only refuses
+    except Exception as e:  # noqa: BLE001 - truncated file, not a torch file, objects weights_only refuses
         raise UserError(f"--{opt} {path}: cannot be read as a checkpoint: {e}") from None
     if not isinstance(state, dict):
         raise UserError(f"--{opt} {path}: expected a dict, found {type(state).__name__}")
@@ -214,17 +253,26 @@ def run(args) -> int:
     if not args.evaluate:
         train_set = data.image_folder(args.data, "train", data.train_transform(args))
         if train_set.classes != classes:
-            raise UserError(f"--data {args.data}: train/ and val/ have different class folders "
-                            f"({len(train_set.classes)} vs {len(classes)})")
+            raise UserError(
+                f"--data {args.data}: train/ and val/ have different class folders "
+                f"({len(train_set.classes)} vs {len(classes)})"
+            )
         if len(train_set) < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
-                            "(incomplete batches are dropped)")
+            raise UserError(
+                f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
+                "(incomplete batches are dropped)"
+            )
 
     # Model, and the state it starts from.
     seed_everything(args.seed)
     try:
-        model = create_model(args.arch, num_classes=len(classes), fused_head=args.fused_head,
-                             pool_backend=args.pool_backend, iters=args.iters)
+        model = create_model(
+            args.arch,
+            num_classes=len(classes),
+            fused_head=args.fused_head,
+            pool_backend=args.pool_backend,
+            iters=args.iters,
+        )
     except (TypeError, ValueError) as e:
         raise UserError(f"--arch {args.arch}: {e}") from None
     resume_state = None
@@ -235,15 +283,22 @@ def run(args) -> int:
     elif args.resume:
         resume_state = read_checkpoint(args.resume, "resume")
         if "model" not in resume_state or "epoch" not in resume_state:
-            raise UserError(f"--resume {args.resume}: not a checkpoint of this pipeline (no 'model'/'epoch'); "
-                            "to start from other weights, evaluate them with --evaluate --checkpoint")
+            raise UserError(
+                f"--resume {args.resume}: not a checkpoint of this pipeline (no 'model'/'epoch'); "
+                "to start from other weights, evaluate them with --evaluate --checkpoint"
+            )
         check_classes(f"--resume {args.resume}", resume_state, classes, f"{args.data}/train")
         load_weights(model, resume_state["model"], f"--resume {args.resume}", args.arch)
-        changed = {k: (resume_state["args"].get(k), getattr(args, k)) for k in RESUME_KEYS
-                   if resume_state.get("args", {}).get(k) != getattr(args, k)}
+        changed = {
+            k: (resume_state["args"].get(k), getattr(args, k))
+            for k in RESUME_KEYS
+            if resume_state.get("args", {}).get(k) != getattr(args, k)
+        }
         if changed:
-            log("note: resuming with options other than the checkpoint's: "
-                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            log(
+                "note: resuming with options other than the checkpoint's: "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
 
     device = info.device
     if args.deterministic:
@@ -260,20 +315,24 @@ def run(args) -> int:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss()
     per_rank_batch = args.batch_size // info.world_size
-    log(f"{args.arch} ({'fused' if args.fused_head else 'unfused'} head, pool backend {args.pool_backend}, "
+    log(
+        f"{args.arch} ({'fused' if args.fused_head else 'unfused'} head, pool backend {args.pool_backend}, "
         f"iters {args.iters}), {len(classes)} classes, {info.world_size} rank(s) on {device.type}, "
-        f"batch {args.batch_size} ({per_rank_batch} a rank)")
+        f"batch {args.batch_size} ({per_rank_batch} a rank)"
+    )
 
     if args.evaluate:
         stats = engine.evaluate(model, criterion, data.val_loader(val_set, args, info, per_rank_batch), args, info)
-        log(f"{args.checkpoint}: val top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  loss {stats['loss']:.4f}"
-            f"  ({stats['images']} images, {'10-crop' if args.ten_crop else '1-crop'})")
+        log(
+            f"{args.checkpoint}: val top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  loss {stats['loss']:.4f}"
+            f"  ({stats['images']} images, {'10-crop' if args.ten_crop else '1-crop'})"
+        )
         return 0
 
-    optimizer = torch.optim.SGD(bare.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(bare.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs))
+        optimizer, LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
     if resume_state is not None:
@@ -308,30 +367,48 @@ def run(args) -> int:
     run_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = engine.train_one_epoch(model, criterion, optimizer, train_loader, epoch, args, info, scaler,
-                                             head_timer)
+        train_stats = engine.train_one_epoch(
+            model, criterion, optimizer, train_loader, epoch, args, info, scaler, head_timer
+        )
         scheduler.step()
         val_stats = engine.evaluate(model, criterion, val_loader, args, info, desc=f"Val {epoch}")
         is_best = val_stats["top1"] > best_top1
         if is_best:
             best_top1, best_epoch = val_stats["top1"], epoch
-        row = {"epoch": epoch, "lr": f"{train_stats['lr']:.6g}",
-               **{f"train_{k}": f"{train_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
-               **{f"val_{k}": f"{val_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
-               "best_val_top1": f"{best_top1:.6f}", "train_img_s": f"{train_stats['img_s']:.2f}",
-               "epoch_s": f"{train_stats['seconds'] + val_stats['seconds']:.2f}"}
-        log(f"epoch {epoch}: train loss {train_stats['loss']:.4f} top-1 {train_stats['top1']:.2f}% | val loss "
+        row = {
+            "epoch": epoch,
+            "lr": f"{train_stats['lr']:.6g}",
+            **{f"train_{k}": f"{train_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
+            **{f"val_{k}": f"{val_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
+            "best_val_top1": f"{best_top1:.6f}",
+            "train_img_s": f"{train_stats['img_s']:.2f}",
+            "epoch_s": f"{train_stats['seconds'] + val_stats['seconds']:.2f}",
+        }
+        log(
+            f"epoch {epoch}: train loss {train_stats['loss']:.4f} top-1 {train_stats['top1']:.2f}% | val loss "
             f"{val_stats['loss']:.4f} top-1 {val_stats['top1']:.2f}% top-5 {val_stats['top5']:.2f}% | "
-            f"{train_stats['img_s']:.1f} img/s | {row['epoch_s']} s")
+            f"{train_stats['img_s']:.1f} img/s | {row['epoch_s']} s"
+        )
         if info.primary:
             append_summary(summary_path, row)
-            checkpoint.save_atomic({
-                "format": checkpoint.FORMAT, "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch, "best_top1": best_top1, "best_epoch": best_epoch, "metrics": row,
-                "args": vars(args), "classes": classes, "sampler": train_loader.sampler.state_dict(),
-                "rng": checkpoint.rng_state(),
-            }, last_path)
+            checkpoint.save_atomic(
+                {
+                    "format": checkpoint.FORMAT,
+                    "model": bare.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "epoch": epoch,
+                    "best_top1": best_top1,
+                    "best_epoch": best_epoch,
+                    "metrics": row,
+                    "args": vars(args),
+                    "classes": classes,
+                    "sampler": train_loader.sampler.state_dict(),
+                    "rng": checkpoint.rng_state(),
+                },
+                last_path,
+            )
             if is_best:
                 checkpoint.copy_atomic(last_path, best_path)
             if writer is not None:
@@ -342,11 +419,43 @@ def run(args) -> int:
                 writer.flush()
     if writer is not None:
         writer.close()
-    log(f"done in {time.perf_counter() - run_start:.1f} s: final val top-1 {val_stats['top1']:.2f}% "
-        f"(best {best_top1:.2f}% at epoch {best_epoch}); files in {args.output_dir}")
+    log(
+        f"done in {time.perf_counter() - run_start:.1f} s: final val top-1 {val_stats['top1']:.2f}% "
+        f"(best {best_top1:.2f}% at epoch {best_epoch})"
+    )
     if head_timer is not None:
         log(head_timer.summary())
         if head_timer.result is not None:
-            checkpoint.write_text_atomic(json.dumps(head_timer.result, indent=1) + "\n",
-                                         os.path.join(args.output_dir, "head_timing.json"))
+            checkpoint.write_text_atomic(
+                json.dumps(head_timer.result, indent=1) + "\n", os.path.join(args.output_dir, "head_timing.json")
+            )
+    log_run_files(args, info, epoch, best_epoch)
     return 0
+
+
+def log_run_files(args, info: DistInfo, last_epoch: int, best_epoch: int) -> None:
+    """Where the run's files are, and the commands that evaluate and resume it."""
+    out = args.output_dir
+    log(
+        f"run files in {out}: last.pth (checkpoint of epoch {last_epoch}), best.pth (epoch {best_epoch}, "
+        "best val top-1), summary.csv (one row an epoch), args.yaml (every option)"
+    )
+    options = options_of(args, skip=("output_dir", "overwrite", "resume", "evaluate", "checkpoint", "data"))
+    start = launcher(info) + options + ["--data", args.data]
+    log("evaluate it: " + shlex.join(start + ["--evaluate", "--checkpoint", os.path.join(out, "best.pth")]))
+    log(
+        "resume it (after an interruption): "
+        + shlex.join(start + ["--output-dir", out, "--resume", os.path.join(out, "last.pth")])
+    )
+
+
+def launcher(info: DistInfo) -> list[str]:
+    """The start of a command line that runs this program as it runs now."""
+    if info.distributed:
+        return ["torchrun", f"--nproc_per_node={info.world_size}", "-m", "train"]
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
+    elif os.sep not in python:
+        python = os.path.join(os.curdir, python)
+    return [python, "-m", "train"]

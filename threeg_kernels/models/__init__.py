@@ -5,10 +5,17 @@
     >>> models.load_checkpoint(model, "resnet50_3g.pth.tar")  # released files, plain or training checkpoints
     >>> logits = model(images)                                 # (B, 1000); model.forward_features -> (B, 32896)
 
-docs/models.md describes the architecture, the fused head and the checkpoint formats.
+docs/models.md describes the architecture, the fused head and the checkpoint formats. Constructors are
+registered with the @register_model decorator (resnet_3g.py); create_model builds any of them by name.
 """
 
-from .checkpoint import CheckpointFormatError, CheckpointMismatchError, LoadReport, load_checkpoint, read_checkpoint_file
+from .checkpoint import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    LoadReport,
+    load_checkpoint,
+    read_checkpoint_file,
+)
 from .resnet_3g import (
     POOLED_FEATURES,
     AtMp,
@@ -18,6 +25,7 @@ from .resnet_3g import (
     average_crops,
     create_model,
     list_models,
+    register_model,
     resnet18_3g,
     resnet18_3g_365,
     resnet23_3g,
@@ -33,10 +41,30 @@ from .resnet_3g import (
 )
 
 __all__ = [
-    "ResNet3G", "AtMp", "BasicBlock", "Bottleneck", "POOLED_FEATURES",
-    "create_model", "list_models", "average_crops",
-    "load_checkpoint", "read_checkpoint_file", "LoadReport", "CheckpointMismatchError", "CheckpointFormatError",
-    "resnet18_3g", "resnet34_3g", "resnet23_3g", "resnet50_3g", "resnet101_3g", "resnet152_3g",
-    "resnet18_3g_365", "resnet34_3g_365", "resnet23_3g_365", "resnet50_3g_365", "resnet101_3g_365",
+    "ResNet3G",
+    "AtMp",
+    "BasicBlock",
+    "Bottleneck",
+    "POOLED_FEATURES",
+    "create_model",
+    "list_models",
+    "register_model",
+    "average_crops",
+    "load_checkpoint",
+    "read_checkpoint_file",
+    "LoadReport",
+    "CheckpointMismatchError",
+    "CheckpointFormatError",
+    "resnet18_3g",
+    "resnet34_3g",
+    "resnet23_3g",
+    "resnet50_3g",
+    "resnet101_3g",
+    "resnet152_3g",
+    "resnet18_3g_365",
+    "resnet34_3g_365",
+    "resnet23_3g_365",
+    "resnet50_3g_365",
+    "resnet101_3g_365",
     "resnet152_3g_365",
 ]

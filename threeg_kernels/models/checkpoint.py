@@ -42,7 +42,7 @@ class CheckpointFormatError(ValueError):
 class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes differ from the model's. `.report` holds the details; nothing was loaded."""
 
-    def __init__(self, report: "LoadReport"):
+    def __init__(self, report: LoadReport):
         self.report = report
         super().__init__(report.describe(failed=True))
 
@@ -64,12 +64,19 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def describe(self, failed: bool = False) -> str:
-        stripped = f", stripped prefix {' then '.join(map(repr, self.stripped_prefixes))}" if self.stripped_prefixes else ""
-        head = f"checkpoint ({self.source}{stripped}) does not match the model" if failed else (
-            f"loaded {len(self.loaded)} tensors ({self.source}{stripped})"
+        stripped = (
+            f", stripped prefix {' then '.join(map(repr, self.stripped_prefixes))}" if self.stripped_prefixes else ""
+        )
+        head = (
+            f"checkpoint ({self.source}{stripped}) does not match the model"
+            if failed
+            else (f"loaded {len(self.loaded)} tensors ({self.source}{stripped})")
         )
         lines = [head]
-        for title, keys in (("missing from the checkpoint", self.missing), ("unexpected in the checkpoint", self.unexpected)):
+        for title, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+        ):
             if keys:
                 lines.append(f"  {len(keys)} {title}: {_short_list(keys)}")
         if self.mismatched:
@@ -114,7 +121,7 @@ def read_checkpoint_file(path, weights_only: bool = True):
     and a file needing more raises CheckpointFormatError saying how to load a trusted one."""
     try:
         # Training checkpoints may hold argparse args; a Namespace is plain data, safe to rebuild.
-        # (torch.serialization.safe_globals is torch >= 2.5; setup.py allows 2.4.)
+        # (torch.serialization.safe_globals is torch >= 2.5; pyproject.toml allows 2.4.)
         safe_globals = getattr(torch.serialization, "safe_globals", None)
         with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=weights_only)
@@ -143,7 +150,8 @@ def _state_dict_of(obj) -> tuple[dict, str]:
         if key is None:
             raise CheckpointFormatError(
                 "expected a state_dict (str -> tensor) or a dict holding one under 'state_dict' (released 3G-Net "
-                f"files) or 'model' (this project's training checkpoints); got a dict with keys {_short_list(sorted(map(str, obj)))}"
+                "files) or 'model' (this project's training checkpoints); "
+                f"got a dict with keys {_short_list(sorted(map(str, obj)))}"
             )
         obj = obj[key].state_dict() if isinstance(obj[key], nn.Module) else obj[key]
         source = f"dict with {key!r}"
@@ -162,7 +170,7 @@ def _strip_prefixes(state_dict: dict) -> tuple[dict, tuple]:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state_dict)), None)
         if prefix is None:
             return state_dict, tuple(stripped)
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
         stripped.append(prefix)
 
 

@@ -1,14 +1,19 @@
-"""ResNet-3G (3G-Net, Wang et al., CVPR 2019), written from shared/SPEC.md section 4.
+"""ResNet-3G (3G-Net, Wang et al., CVPR 2019): the architecture is described in docs/models.md.
 
     image -> torchvision-style ResNet (layer4 at stride 1) -> 1x1 conv to 256 channels, BN, ReLU (= y)
           -> AtMp1(y, y) -> AtMp2(., y) -> AtMp3(., y) -> 3G pooling (K = 5) -> fc(32896 -> classes)
 
-Parameter names are those of the released checkpoints (shared/reference/state_dict_keys.json), so their
+The pooling (cov_pool) is defined in docs/math.md.
+
+Parameter names are those of the released checkpoints (tests/data/state_dict_keys.json), so their
 state_dicts load without renaming (after stripping DataParallel's 'module.', see checkpoint.py).
 
 The fused head: AtMp3 ends with `a * m` for an attention map m (B, 1, H, W), and the pooling head's
 first step multiplies its input by its spatial weights anyway. With fused_head=True the map is handed to
 `cov_pool` as `weight`, so the (B, 256, H, W) product and its gradient are never materialised.
+
+Every constructor is registered with @register_model under its function name; create_model(name)
+builds one by name and list_models() lists them.
 """
 
 from __future__ import annotations
@@ -134,15 +139,15 @@ def _check_options(num_classes, fused_head, pool_backend, iters) -> None:
 
 
 class ResNet3G(nn.Module):
-    """A ResNet backbone with layer4 at stride 1 and the 3G head (SPEC section 4).
+    """A ResNet backbone with layer4 at stride 1 and the 3G head (docs/models.md, "Architecture").
 
     forward(x) -> logits (B, num_classes); forward_features(x) -> the pooled vector (B, 32896);
     forward_crops(x) for x (B, ncrops, 3, H, W) -> crop-averaged logits (B, num_classes).
 
-    fused_head=True passes AtMp3's attention map to cov_pool as `weight` (backend `pool_backend`).
-    fused_head=False multiplies first and pools without weight, on the 'reference' backend when
-    pool_backend='auto' (the plain path of the paper, as a yardstick), else on the named backend.
-    Both give the same outputs and gradients to float rounding (tests/test_models.py).
+    fused_head=True passes AtMp3's attention map to cov_pool as `weight`; fused_head=False forms
+    a * map first and pools it without weight (the plain path of the paper). Both pool on the backend
+    `pool_backend` names ('auto' resolved by cov_pool for the input's device), and give the same outputs
+    and gradients to float rounding (tests/test_models.py).
     The pooled vector is in the '3g' triangle order, the order the released fc layers were trained on.
     """
 
@@ -198,8 +203,7 @@ class ResNet3G(nn.Module):
             # Under autocast the map and the features can come out in different dtypes.
             dtype = torch.promote_types(x.dtype, weight.dtype)
             return cov_pool(x.to(dtype), weight.to(dtype), iters=self.iters, backend=self.pool_backend)
-        backend = "reference" if self.pool_backend == "auto" else self.pool_backend
-        return cov_pool(self.AtMp3(x, y), iters=self.iters, backend=backend)
+        return cov_pool(self.AtMp3(x, y), iters=self.iters, backend=self.pool_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
@@ -238,48 +242,106 @@ def average_crops(logits: torch.Tensor, ncrops: int) -> torch.Tensor:
     return logits.view(-1, ncrops, logits.shape[1]).mean(dim=1)
 
 
-def _constructor(name: str, block: Block, layers: Sequence[int], default_classes: int, what: str) -> Callable:
-    def constructor(
-        *, num_classes: int = default_classes, fused_head: bool = True, pool_backend: str = "auto", iters: int = 5
-    ) -> ResNet3G:
-        return ResNet3G(
-            block, layers, num_classes=num_classes, fused_head=fused_head, pool_backend=pool_backend, iters=iters
+_MODELS: dict[str, Callable[..., ResNet3G]] = {}
+_OPTIONS = ("fused_head", "pool_backend", "iters")
+
+
+def register_model(fn: Callable[..., ResNet3G]) -> Callable[..., ResNet3G]:
+    """Decorator: makes the model constructor `fn` known to create_model and list_models by its name."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"a model named {name!r} is already registered ({_MODELS[name].__module__})")
+    _MODELS[name] = fn
+    return fn
+
+
+def _build(name: str, block: Block, layers: Sequence[int], num_classes: int, options: dict) -> ResNet3G:
+    unknown = [k for k in options if k not in _OPTIONS]
+    if unknown:
+        raise TypeError(
+            f"{name}() got an unexpected keyword argument {unknown[0]!r}; it takes num_classes, {', '.join(_OPTIONS)}"
         )
-
-    constructor.__name__ = constructor.__qualname__ = name
-    constructor.__doc__ = (
-        f"{what}: {block.__name__} {list(layers)}, {default_classes} classes by default.\n\n"
-        "Keyword-only: num_classes, fused_head=True, pool_backend='auto', iters=5 (see ResNet3G)."
-    )
-    return constructor
+    return ResNet3G(block, layers, num_classes=num_classes, **options)
 
 
-_IMAGENET, _PLACES = "ImageNet", "Places365"
-resnet18_3g = _constructor("resnet18_3g", BasicBlock, (2, 2, 2, 2), 1000, f"ResNet-18-3G, {_IMAGENET}")
-resnet34_3g = _constructor("resnet34_3g", BasicBlock, (3, 4, 6, 3), 1000, f"ResNet-34-3G, {_IMAGENET}")
-resnet23_3g = _constructor("resnet23_3g", Bottleneck, (1, 2, 2, 2), 1000, f"ResNet-23-3G, {_IMAGENET}")
-resnet50_3g = _constructor("resnet50_3g", Bottleneck, (3, 4, 6, 3), 1000, f"ResNet-50-3G, {_IMAGENET}")
-resnet101_3g = _constructor("resnet101_3g", Bottleneck, (3, 4, 23, 3), 1000, f"ResNet-101-3G, {_IMAGENET}")
-resnet152_3g = _constructor("resnet152_3g", Bottleneck, (3, 8, 36, 3), 1000, f"ResNet-152-3G, {_IMAGENET}")
-resnet18_3g_365 = _constructor("resnet18_3g_365", BasicBlock, (2, 2, 2, 2), 365, f"ResNet-18-3G, {_PLACES}")
-resnet34_3g_365 = _constructor("resnet34_3g_365", BasicBlock, (3, 4, 6, 3), 365, f"ResNet-34-3G, {_PLACES}")
-resnet23_3g_365 = _constructor("resnet23_3g_365", Bottleneck, (1, 2, 2, 2), 365, f"ResNet-23-3G, {_PLACES}")
-resnet50_3g_365 = _constructor("resnet50_3g_365", Bottleneck, (3, 4, 6, 3), 365, f"ResNet-50-3G, {_PLACES}")
-resnet101_3g_365 = _constructor("resnet101_3g_365", Bottleneck, (3, 4, 23, 3), 365, f"ResNet-101-3G, {_PLACES}")
-resnet152_3g_365 = _constructor("resnet152_3g_365", Bottleneck, (3, 8, 36, 3), 365, f"ResNet-152-3G, {_PLACES}")
+# Each constructor takes keyword-only num_classes, fused_head=True, pool_backend='auto', iters=5 (see ResNet3G).
 
-_REGISTRY = {
-    f.__name__: f
-    for f in (
-        resnet18_3g, resnet34_3g, resnet23_3g, resnet50_3g, resnet101_3g, resnet152_3g,
-        resnet18_3g_365, resnet34_3g_365, resnet23_3g_365, resnet50_3g_365, resnet101_3g_365, resnet152_3g_365,
-    )
-}
+
+@register_model
+def resnet18_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-18-3G, ImageNet (1000 classes by default): BasicBlock [2, 2, 2, 2]."""
+    return _build("resnet18_3g", BasicBlock, (2, 2, 2, 2), num_classes, options)
+
+
+@register_model
+def resnet34_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-34-3G, ImageNet (1000 classes by default): BasicBlock [3, 4, 6, 3]."""
+    return _build("resnet34_3g", BasicBlock, (3, 4, 6, 3), num_classes, options)
+
+
+@register_model
+def resnet23_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-23-3G, ImageNet (1000 classes by default): Bottleneck [1, 2, 2, 2]."""
+    return _build("resnet23_3g", Bottleneck, (1, 2, 2, 2), num_classes, options)
+
+
+@register_model
+def resnet50_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-50-3G, ImageNet (1000 classes by default): Bottleneck [3, 4, 6, 3]."""
+    return _build("resnet50_3g", Bottleneck, (3, 4, 6, 3), num_classes, options)
+
+
+@register_model
+def resnet101_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-101-3G, ImageNet (1000 classes by default): Bottleneck [3, 4, 23, 3]."""
+    return _build("resnet101_3g", Bottleneck, (3, 4, 23, 3), num_classes, options)
+
+
+@register_model
+def resnet152_3g(*, num_classes: int = 1000, **options) -> ResNet3G:
+    """ResNet-152-3G, ImageNet (1000 classes by default): Bottleneck [3, 8, 36, 3]."""
+    return _build("resnet152_3g", Bottleneck, (3, 8, 36, 3), num_classes, options)
+
+
+@register_model
+def resnet18_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-18-3G, Places365 (365 classes by default): BasicBlock [2, 2, 2, 2]."""
+    return _build("resnet18_3g_365", BasicBlock, (2, 2, 2, 2), num_classes, options)
+
+
+@register_model
+def resnet34_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-34-3G, Places365 (365 classes by default): BasicBlock [3, 4, 6, 3]."""
+    return _build("resnet34_3g_365", BasicBlock, (3, 4, 6, 3), num_classes, options)
+
+
+@register_model
+def resnet23_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-23-3G, Places365 (365 classes by default): Bottleneck [1, 2, 2, 2]."""
+    return _build("resnet23_3g_365", Bottleneck, (1, 2, 2, 2), num_classes, options)
+
+
+@register_model
+def resnet50_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-50-3G, Places365 (365 classes by default): Bottleneck [3, 4, 6, 3]."""
+    return _build("resnet50_3g_365", Bottleneck, (3, 4, 6, 3), num_classes, options)
+
+
+@register_model
+def resnet101_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-101-3G, Places365 (365 classes by default): Bottleneck [3, 4, 23, 3]."""
+    return _build("resnet101_3g_365", Bottleneck, (3, 4, 23, 3), num_classes, options)
+
+
+@register_model
+def resnet152_3g_365(*, num_classes: int = 365, **options) -> ResNet3G:
+    """ResNet-152-3G, Places365 (365 classes by default): Bottleneck [3, 8, 36, 3]."""
+    return _build("resnet152_3g_365", Bottleneck, (3, 8, 36, 3), num_classes, options)
 
 
 def list_models() -> list[str]:
-    """The names create_model accepts, sorted."""
-    return sorted(_REGISTRY)
+    """The names create_model accepts (every @register_model constructor), sorted."""
+    return sorted(_MODELS)
 
 
 def create_model(name: str, **kwargs) -> ResNet3G:
@@ -287,6 +349,6 @@ def create_model(name: str, **kwargs) -> ResNet3G:
 
     Raises ValueError (listing the names) for an unknown name, TypeError for an unknown keyword.
     """
-    if name not in _REGISTRY:
+    if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name](**kwargs)
+    return _MODELS[name](**kwargs)
