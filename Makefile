@@ -7,6 +7,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SOURCES := requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+# The demo needs the package and its [train] extra; the tests and lint need [dev] (timm, ONNX, pytest, ruff).
+STAMP_TRAIN := $(VENV)/.threeg-installed-train
 STAMP := $(VENV)/.threeg-installed
 
 .PHONY: setup demo test test-fast lint format clean
@@ -15,14 +18,19 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+$(STAMP_TRAIN): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[train]"
+	touch $@
+
+$(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
-	touch $@
+	touch $@ $(STAMP_TRAIN)
 
 setup: $(STAMP)
 
-demo: setup
+demo: $(STAMP_TRAIN)
 	$(PY) -m train --config train/configs/digits_demo.yaml --output-dir runs/demo --overwrite
 
 test: setup
