@@ -235,3 +235,9 @@ def _dry(tmp_path, command: str) -> Path:
     for line in run.stdout.splitlines():
         print(line)  # the stage times, for -s
     return out
+
+
+def test_driver_bounds_are_the_librarys():
+    from threeg_kernels._validate import PRECISION_BOUNDS
+
+    assert gpu_check.BOUND == PRECISION_BOUNDS

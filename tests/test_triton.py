@@ -25,6 +25,7 @@ import torch
 
 import threeg_kernels
 from threeg_kernels import dispatch
+from threeg_kernels._validate import PRECISION_BOUNDS
 
 from .helpers import assert_close_to_reference, devices_for, make_case, opcheck_pool_ops, rel_err, run_pool
 
@@ -93,7 +94,7 @@ def test_opcheck_precision_modes(device, precision):
 # interpreter, which rounds the matmul inputs as the tensor cores do (_tiles.round_mantissa):
 #   ieee 6.4e-7, tf32x3 7.4e-7, tf32 1.5e-3, bf16 1.1e-2 (out / dx / dweight alike; docs/triton.md).
 # tf32x3 is held to the fp32 bound: that is what it is for.
-PRECISION_BOUND = {"ieee": 1e-5, "tf32x3": 1e-5, "tf32": 5e-3, "bf16": 5e-2}
+PRECISION_BOUND = PRECISION_BOUNDS
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
