@@ -7,8 +7,17 @@
 
 docs/models.md describes the architecture, the fused head and the checkpoint formats. Constructors are
 registered with the @register_model decorator (resnet_3g.py); create_model builds any of them by name.
+attach_head puts the covariance pooling head on a timm or torchvision backbone (docs/deploy.md); where timm
+is installed, importing this package registers the ResNet-3G models with timm.create_model.
 """
 
+from .backbones import (
+    BackboneLoadReport,
+    CovPoolModel,
+    attach_head,
+    load_backbone_weights,
+    register_timm_models,
+)
 from .checkpoint import (
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -55,6 +64,11 @@ __all__ = [
     "LoadReport",
     "CheckpointMismatchError",
     "CheckpointFormatError",
+    "attach_head",
+    "CovPoolModel",
+    "load_backbone_weights",
+    "BackboneLoadReport",
+    "register_timm_models",
     "resnet18_3g",
     "resnet34_3g",
     "resnet23_3g",
@@ -68,3 +82,6 @@ __all__ = [
     "resnet101_3g_365",
     "resnet152_3g_365",
 ]
+
+# A no-op without timm. After __all__: timm's register_model adds each name to this module's __all__.
+register_timm_models()

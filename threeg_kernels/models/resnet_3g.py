@@ -10,7 +10,8 @@ state_dicts load without renaming (after stripping DataParallel's 'module.', see
 
 The fused head: AtMp3 ends with `a * m` for an attention map m (B, 1, H, W), and the pooling head's
 first step multiplies its input by its spatial weights anyway. With fused_head=True the map is handed to
-`cov_pool` as `weight`, so the (B, 256, H, W) product and its gradient are never materialised.
+`cov_pool` as `weight`, so the (B, 256, H, W) product and its gradient are never materialised. AtMp and
+that fused path (reweight_and_pool) live in threeg_kernels/head.py, shared with CovPoolHead.
 
 Every constructor is registered with @register_model under its function name; create_model(name)
 builds one by name and list_models() lists them.
@@ -18,6 +19,7 @@ builds one by name and list_models() lists them.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Callable, Optional, Sequence, Type, Union
 
@@ -27,13 +29,10 @@ from torch import nn
 from .. import dispatch
 from .._validate import check_options
 from ..api import cov_pool
+from ..head import AtMp, conv1x1, init_weights, reweight_and_pool
 
 REDUCED_CHANNELS = 256
 POOLED_FEATURES = REDUCED_CHANNELS * (REDUCED_CHANNELS + 1) // 2  # 32896
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -86,47 +85,6 @@ class Bottleneck(nn.Module):
 
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
-
-
-class AtMp(nn.Module):
-    """The re-weighting block of 3G-Net: forward(a, z) = a * attention(a, z), all convs 1x1 without bias.
-
-    a: the features to re-weight (B, n_features, H, W); z: the output of the 1x1 reduction, the same
-    tensor for all three blocks. attention(a, z) is the map m (B, 1, H, W), values in (0, 1):
-        x = bn1(map1(a)) * bn2(map2(a));  x = relu(x + bn21(map21(z)))
-        x = relu(bn3(map3(x))) * relu(bn4(map4(x)))
-        x = atmap2(relu(bnat1(atmap1(x))))                  # n -> n / reduction -> 1 channels
-        m = sigmoid(x + atmap3(x))
-    """
-
-    def __init__(self, n_features: int = REDUCED_CHANNELS, reduction: int = 4):
-        super().__init__()
-        hidden = n_features // reduction
-        # Registration order = the released checkpoints' key order.
-        self.map1 = conv1x1(n_features, n_features)
-        self.bn1 = nn.BatchNorm2d(n_features)
-        self.map2 = conv1x1(n_features, n_features)
-        self.bn2 = nn.BatchNorm2d(n_features)
-        self.map21 = conv1x1(n_features, n_features)
-        self.bn21 = nn.BatchNorm2d(n_features)
-        self.map3 = conv1x1(n_features, n_features)
-        self.bn3 = nn.BatchNorm2d(n_features)
-        self.map4 = conv1x1(n_features, n_features)
-        self.bn4 = nn.BatchNorm2d(n_features)
-        self.atmap1 = conv1x1(n_features, hidden)
-        self.bnat1 = nn.BatchNorm2d(hidden)
-        self.atmap2 = conv1x1(hidden, 1)
-        self.atmap3 = conv1x1(1, 1)
-
-    def attention(self, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = self.bn1(self.map1(a)) * self.bn2(self.map2(a))
-        x = torch.relu(x + self.bn21(self.map21(z)))
-        x = torch.relu(self.bn3(self.map3(x))) * torch.relu(self.bn4(self.map4(x)))
-        x = self.atmap2(torch.relu(self.bnat1(self.atmap1(x))))
-        return torch.sigmoid(x + self.atmap3(x))
-
-    def forward(self, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return a * self.attention(a, z)
 
 
 def _check_options(num_classes, fused_head, pool_backend, iters) -> None:
@@ -184,26 +142,16 @@ class ResNet3G(nn.Module):
         self.AtMp3 = AtMp(REDUCED_CHANNELS)
         self.fc = nn.Linear(POOLED_FEATURES, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # fc keeps nn.Linear's default init (it is the only layer with a bias).
+        init_weights(self)  # fc keeps nn.Linear's default init (it is the only layer with a bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> the 3G-pooled vector (B, 32896), '3g' triangle order."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         y = self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(x)))
-        x = self.AtMp2(self.AtMp1(y, y), y)
-        if self.fused_head:
-            weight = self.AtMp3.attention(x, y)
-            # Under autocast the map and the features can come out in different dtypes.
-            dtype = torch.promote_types(x.dtype, weight.dtype)
-            return cov_pool(x.to(dtype), weight.to(dtype), iters=self.iters, backend=self.pool_backend)
-        return cov_pool(self.AtMp3(x, y), iters=self.iters, backend=self.pool_backend)
+        pool = functools.partial(cov_pool, iters=self.iters, backend=self.pool_backend)
+        # The fused path of CovPoolHead too (threeg_kernels/head.py).
+        return reweight_and_pool(y, y, (self.AtMp1, self.AtMp2, self.AtMp3), pool, fused=self.fused_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
@@ -344,11 +292,18 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> ResNet3G:
-    """create_model('resnet50_3g', num_classes=..., fused_head=..., pool_backend=..., iters=...).
+def create_model(name: str, *, backbone_weights=None, **kwargs) -> ResNet3G:
+    """create_model('resnet50_3g', num_classes=..., fused_head=..., pool_backend=..., iters=..., backbone_weights=...).
 
+    backbone_weights: a torchvision-format ImageNet ResNet state dict (path or dict) for the backbone
+    (conv1 .. layer4); the head keeps its initialisation (models.load_backbone_weights, which logs the report).
     Raises ValueError (listing the names) for an unknown name, TypeError for an unknown keyword.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    model = _MODELS[name](**kwargs)
+    if backbone_weights is not None:
+        from .backbones import load_backbone_weights  # backbones.py imports this module
+
+        load_backbone_weights(model, backbone_weights)
+    return model
