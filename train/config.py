@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--digits-val-fraction", type=float, default=0.2, help="digits: share of images in val/")
     g.add_argument("--split-seed", type=int, default=0, help="digits: seed of the stratified train/val split")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per rank")
+    g.add_argument(
+        "--max-bad-images",
+        type=float,
+        default=0.01,
+        metavar="FRACTION",
+        help="unreadable image files are skipped, each reported once; more than this share of a split in one "
+        "epoch stops the run",
+    )
     g.add_argument("--image-size", type=int, default=224, help="RandomResizedCrop size for training")
     g.add_argument(
         "--crop-scale",
@@ -159,6 +167,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     for item in items:
         if isinstance(item, bool) and action.type in (int, float):
             fail(f"expected {action.type.__name__}")
+        if action.type is int and isinstance(item, float):
+            fail("expected an integer")  # int(2.5) would silently give 2
         try:
             item = action.type(item) if action.type is not None else str(item)
         except (TypeError, ValueError):
@@ -173,8 +183,12 @@ def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"--config {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

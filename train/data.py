@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
 from .config import UserError
@@ -57,13 +57,43 @@ def eval_transform(args) -> transforms.Compose:
     )
 
 
+class BadImage(NamedTuple):
+    """What a dataset item is when its file cannot be decoded: the collate function drops it and counts it."""
+
+    path: str
+    reason: str
+
+
+class SkippingImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable files (truncated, corrupt, not an image) give a BadImage item instead of
+    raising in a loader worker, so that one bad file does not end a run (see collate_skipping_bad)."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return BadImage(self.samples[index][0], f"{type(e).__name__}: {reason}")
+
+
+def collate_skipping_bad(batch: list):
+    """(images, target, bad): the batch without its BadImage items (images and target are None if none
+    is left), and the list of those BadImages."""
+    bad = [b for b in batch if isinstance(b, BadImage)]
+    good = [b for b in batch if not isinstance(b, BadImage)]
+    if not good:
+        return None, None, bad
+    images, target = default_collate(good)
+    return images, target, bad
+
+
 def image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
     """ImageFolder of root/split, with a UserError naming the path when it is missing or empty."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f"--data {root}: no directory {path} (expected an ImageFolder tree with train/ and val/)")
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return SkippingImageFolder(path, transform=transform)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise UserError(f"--data {root}: {path} holds no usable images: {e}") from None
 
@@ -125,6 +155,7 @@ def train_loader(dataset, args, info, per_rank_batch: int) -> DataLoader:
         pin_memory=info.device.type == "cuda",
         drop_last=True,
         persistent_workers=False,
+        collate_fn=collate_skipping_bad,
     )
 
 
@@ -137,6 +168,7 @@ def val_loader(dataset, args, info, per_rank_batch: int) -> DataLoader:
         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
         num_workers=args.workers,
         pin_memory=info.device.type == "cuda",
+        collate_fn=collate_skipping_bad,
     )
 
 

@@ -204,6 +204,91 @@ class HeadTimer:
         )
 
 
+class BadImages:
+    """Unreadable images of one split: each file is reported once (with its reason), the ones skipped in the
+    current epoch are counted, and more than `max_fraction` of the split raises UserError."""
+
+    def __init__(self, split: str, size: int, max_fraction: float):
+        self.split, self.size, self.max_fraction = split, size, max_fraction
+        self.reported: set = set()
+        self.count = 0
+
+    def start_epoch(self) -> None:
+        self.count = 0
+
+    def add(self, bad: list) -> None:
+        for item in bad:
+            self.count += 1
+            if item.path not in self.reported:
+                self.reported.add(item.path)
+                # every rank: each sees its own shard's files
+                print(f"warning: skipped unreadable {self.split} image {item.path} ({item.reason})", flush=True)
+        if bad and self.count > self.max_fraction * self.size:
+            raise UserError(
+                f"{self.count} of the {self.size} {self.split} images are unreadable (more than "
+                f"--max-bad-images {self.max_fraction:g} of the split), e.g. {bad[0].path}; repair the data "
+                "or raise --max-bad-images"
+            )
+
+
+class PoolWatch:
+    """Whether the pooling head's input (layer_reduce_relu output) and output (fc input) were finite, recorded
+    on the device without a sync: the first step where each was not (-1: none yet)."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        bare = getattr(model, "module", model)
+        self.handles = []
+        self.first_in = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_out = torch.full((), -1, dtype=torch.long, device=device)
+        self.step = 0
+        fc, before = getattr(bare, "fc", None), getattr(bare, "layer_reduce_relu", None)
+        if isinstance(fc, nn.Module) and isinstance(before, nn.Module):
+            self.handles.append(before.register_forward_hook(lambda m, i, o: self._mark("first_in", o)))
+            self.handles.append(fc.register_forward_pre_hook(lambda m, i: self._mark("first_out", i[0])))
+
+    def _mark(self, name: str, t) -> None:
+        if isinstance(t, torch.Tensor):
+            first = getattr(self, name)
+            bad = ~torch.isfinite(t.detach()).all()
+            setattr(self, name, torch.where((first < 0) & bad, torch.full_like(first, self.step), first))
+
+    def cause(self, args, device: torch.device) -> Optional[str]:
+        """'non-finite output of cov_pool ...' if the pooling turned finite input into non-finite output."""
+        first_in, first_out = int(self.first_in), int(self.first_out)
+        if first_out < 0 or 0 <= first_in <= first_out:
+            return None
+        backend = args.pool_backend if args.pool_backend != "auto" else f"auto on {device.type}"
+        return (
+            f"non-finite output of cov_pool (backend '{backend}', iters {args.iters}) at step {first_out} "
+            "from finite input"
+        )
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _nonfinite_loss(loss_value: float, epoch: int, step: Optional[int], watch: PoolWatch, args, device) -> UserError:
+    where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+    cause = watch.cause(args, device)
+    if cause is not None:
+        return UserError(
+            f"the training loss became {loss_value} in {where}: {cause}; try another --pool-backend, more "
+            "--iters, or --amp none"
+        )
+    return UserError(
+        f"the training loss became {loss_value} in {where}; lower --lr, or use --amp none / bf16 instead of fp16"
+    )
+
+
+def _all_ranks(count: int, device: torch.device, info: DistInfo) -> int:
+    return int(distributed.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=device), info)[0])
+
+
+def _max_bad(args) -> float:
+    return getattr(args, "max_bad_images", 0.01)
+
+
 def train_one_epoch(
     model,
     criterion,
@@ -214,15 +299,36 @@ def train_one_epoch(
     info: DistInfo,
     scaler,
     head_timer: Optional[HeadTimer] = None,
+    bad_images: Optional[BadImages] = None,
 ) -> dict:
     set_train_mode(model, args.freeze_bn)
+    device = info.device
+    if bad_images is None:
+        bad_images = BadImages("training", len(loader.dataset), _max_bad(args))
+    bad_images.start_epoch()
+    watch = PoolWatch(model, device)
+    try:
+        return _train_steps(
+            model, criterion, optimizer, loader, epoch, args, info, scaler, head_timer, bad_images, watch
+        )
+    finally:
+        watch.close()
+
+
+def _train_steps(model, criterion, optimizer, loader, epoch, args, info, scaler, head_timer, bad_images, watch):
     device = info.device
     lr = optimizer.param_groups[0]["lr"]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1 hits, top-5 hits, n
     progress = Progress(len(loader), f"Epoch {epoch}/{args.epochs - 1}", args.print_freq, info.primary)
     epoch_start = time.perf_counter()
     last_time, last_count = epoch_start, 0
-    for step, (images, target) in enumerate(loader):
+    for step, (images, target, bad) in enumerate(loader):
+        bad_images.add(bad)
+        if images is None:  # every image of this batch was unreadable
+            if info.distributed:  # the other ranks would wait for this one's gradients
+                raise UserError(f"every image of training batch {step} of this rank is unreadable, e.g. {bad[0].path}")
+            continue
+        watch.step = step
         profiling = head_timer is not None and head_timer.active(step)
         if profiling:
             head_timer.before_step(step)
@@ -255,10 +361,7 @@ def train_one_epoch(
         if progress.due(step + 1):
             local = sums.tolist()
             if not math.isfinite(local[0]):
-                raise UserError(
-                    f"the training loss became {local[0]} in epoch {epoch}, step {step}; "
-                    "lower --lr, or use --amp none / bf16 instead of fp16"
-                )
+                raise _nonfinite_loss(local[0], epoch, step, watch, args, device)
             now = time.perf_counter()
             img_s = (local[3] - last_count) * info.world_size / max(now - last_time, 1e-9)
             last_time, last_count = now, local[3]
@@ -283,7 +386,7 @@ def train_one_epoch(
             f"{loader.batch_size} a rank (drop_last); lower --batch-size"
         )
     if not math.isfinite(loss_sum):
-        raise UserError(f"the training loss became {loss_sum} in epoch {epoch}; lower --lr, or use --amp none / bf16")
+        raise _nonfinite_loss(loss_sum, epoch, None, watch, args, device)
     return {
         "loss": loss_sum / count,
         "top1": 100 * top1 / count,
@@ -292,17 +395,26 @@ def train_one_epoch(
         "seconds": seconds,
         "img_s": count / seconds,
         "lr": lr,
+        "bad_images": _all_ranks(bad_images.count, device, info),
     }
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, args, info: DistInfo, desc: str = "Val") -> dict:
+def evaluate(
+    model, criterion, loader, args, info: DistInfo, desc: str = "Val", bad_images: Optional[BadImages] = None
+) -> dict:
     model.eval()
     device = info.device
+    if bad_images is None:
+        bad_images = BadImages("validation", len(loader.dataset), _max_bad(args))
+    bad_images.start_epoch()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     progress = Progress(len(loader), desc, args.print_freq, info.primary)
     start = time.perf_counter()
-    for step, (images, target) in enumerate(loader):
+    for step, (images, target, bad) in enumerate(loader):
+        bad_images.add(bad)
+        if images is None:
+            continue
         images, target = _to_device(images, target, device, args.channels_last)
         with autocast(args, device):
             output = predict(model, images)
@@ -329,4 +441,5 @@ def evaluate(model, criterion, loader, args, info: DistInfo, desc: str = "Val") 
         "top5": 100 * top5 / count,
         "images": int(count),
         "seconds": time.perf_counter() - start,
+        "bad_images": _all_ranks(bad_images.count, device, info),
     }

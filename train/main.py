@@ -35,6 +35,8 @@ SUMMARY_FIELDS = (
     "val_loss",
     "val_top1",
     "val_top5",
+    "train_bad_images",
+    "val_bad_images",
     "best_val_top1",
     "train_img_s",
     "epoch_s",
@@ -63,6 +65,18 @@ RESUME_KEYS = (
     "split_seed",
     "digits_val_fraction",
 )
+
+
+MAX_SEED = 2**32 - 1  # numpy.random.seed and scikit-learn's random_state accept 0 .. 2**32 - 1
+MIN_IMAGE_SIZE = 17  # the smallest input whose final feature map is 2x2
+
+
+def feature_map_side(size: int) -> int:
+    """Side of the backbone's final feature map for a size x size input: conv1, maxpool, layer2 and layer3
+    each halve it (rounding up); layer4 keeps it (total stride 16)."""
+    for _ in range(4):
+        size = (size + 1) // 2
+    return size
 
 
 class LRFactor:
@@ -106,12 +120,34 @@ def validate(args, info: DistInfo) -> None:
     for name in ("epochs", "batch_size", "iters", "image_size", "val_resize", "val_crop", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    for name in ("image_size", "val_crop"):
+        side = feature_map_side(getattr(args, name))
+        if side < 2:
+            raise UserError(
+                f"--{name.replace('_', '-')} {getattr(args, name)}: the final feature map would be {side}x{side} "
+                f"(the backbone's total stride is 16) and covariance pooling needs at least 2 positions; "
+                f"use >= {MIN_IMAGE_SIZE}"
+            )
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0; got {args.lr}")
+    for name in ("seed", "split_seed"):
+        if not 0 <= getattr(args, name) <= MAX_SEED:
+            raise UserError(
+                f"--{name.replace('_', '-')} must be in [0, 2**32 - 1] (numpy's range); got {getattr(args, name)}"
+            )
+    if args.ten_crop and args.val_crop > args.val_resize:
+        raise UserError(
+            f"--ten-crop: --val-crop {args.val_crop} is larger than --val-resize {args.val_resize} "
+            "(the shorter side the crops are cut from)"
+        )
     if args.workers < 0 or args.time_head_steps < 0 or args.warmup_epochs < 0 or not args.clip_grad >= 0:
         raise UserError("--workers, --time-head-steps, --warmup-epochs and --clip-grad must be >= 0")
     if args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} ranks")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UserError(f"--crop-scale needs 0 < MIN <= MAX <= 1; got {args.crop_scale}")
+    if not 0 <= args.max_bad_images < 1:
+        raise UserError(f"--max-bad-images must be in [0, 1); got {args.max_bad_images}")
     if not 0 < args.digits_val_fraction < 1:
         raise UserError(f"--digits-val-fraction must be in (0, 1); got {args.digits_val_fraction}")
     if args.amp == "fp16" and info.device.type == "cpu":
@@ -190,8 +226,14 @@ def prepare_summary(path: str, last_epoch: Optional[int]) -> None:
         if os.path.exists(path):
             os.unlink(path)
         return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
+    except (KeyError, TypeError, ValueError, csv.Error) as e:  # TypeError: int(None) of a short row
+        raise UserError(
+            f"--resume: {path} is not a summary.csv of this pipeline ({type(e).__name__}: {e}); "
+            "repair it or move it away (it is rewritten from the next epoch on)"
+        ) from None
     lines = [",".join(SUMMARY_FIELDS)] + [",".join(r.get(k, "") for k in SUMMARY_FIELDS) for r in rows]
     checkpoint.write_text_atomic("\n".join(lines) + "\n", path)
 
@@ -325,7 +367,8 @@ def run(args) -> int:
         stats = engine.evaluate(model, criterion, data.val_loader(val_set, args, info, per_rank_batch), args, info)
         log(
             f"{args.checkpoint}: val top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  loss {stats['loss']:.4f}"
-            f"  ({stats['images']} images, {'10-crop' if args.ten_crop else '1-crop'})"
+            f"  ({stats['images']} images, {'10-crop' if args.ten_crop else '1-crop'}"
+            + (f", {stats['bad_images']} unreadable ones skipped)" if stats["bad_images"] else ")")
         )
         return 0
 
@@ -364,22 +407,52 @@ def run(args) -> int:
     train_loader = data.train_loader(train_set, args, info, per_rank_batch)
     val_loader = data.val_loader(val_set, args, info, per_rank_batch)
     head_timer = engine.HeadTimer(args.time_head_steps, device) if args.time_head_steps and info.primary else None
+    bad_train = engine.BadImages("training", len(train_set), args.max_bad_images)
+    bad_val = engine.BadImages("validation", len(val_set), args.max_bad_images)
+
+    def save_last(epoch: int, row: dict) -> None:
+        checkpoint.save_atomic(
+            {
+                "format": checkpoint.FORMAT,
+                "model": bare.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "epoch": epoch,
+                "best_top1": best_top1,
+                "best_epoch": best_epoch,
+                "metrics": row,
+                "args": vars(args),
+                "classes": classes,
+                "sampler": train_loader.sampler.state_dict(),
+                "rng": checkpoint.rng_state(),
+            },
+            last_path,
+        )
+
     run_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_stats = engine.train_one_epoch(
-            model, criterion, optimizer, train_loader, epoch, args, info, scaler, head_timer
+            model, criterion, optimizer, train_loader, epoch, args, info, scaler, head_timer, bad_train
         )
         scheduler.step()
-        val_stats = engine.evaluate(model, criterion, val_loader, args, info, desc=f"Val {epoch}")
-        is_best = val_stats["top1"] > best_top1
-        if is_best:
-            best_top1, best_epoch = val_stats["top1"], epoch
         row = {
             "epoch": epoch,
             "lr": f"{train_stats['lr']:.6g}",
             **{f"train_{k}": f"{train_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
+            "train_bad_images": train_stats["bad_images"],
+        }
+        if info.primary:  # the epoch's training survives a failure of its validation
+            save_last(epoch, row)
+        val_stats = engine.evaluate(model, criterion, val_loader, args, info, desc=f"Val {epoch}", bad_images=bad_val)
+        is_best = val_stats["top1"] > best_top1
+        if is_best:
+            best_top1, best_epoch = val_stats["top1"], epoch
+        row = {
+            **row,
             **{f"val_{k}": f"{val_stats[k]:.6f}" for k in ("loss", "top1", "top5")},
+            "val_bad_images": val_stats["bad_images"],
             "best_val_top1": f"{best_top1:.6f}",
             "train_img_s": f"{train_stats['img_s']:.2f}",
             "epoch_s": f"{train_stats['seconds'] + val_stats['seconds']:.2f}",
@@ -388,27 +461,15 @@ def run(args) -> int:
             f"epoch {epoch}: train loss {train_stats['loss']:.4f} top-1 {train_stats['top1']:.2f}% | val loss "
             f"{val_stats['loss']:.4f} top-1 {val_stats['top1']:.2f}% top-5 {val_stats['top5']:.2f}% | "
             f"{train_stats['img_s']:.1f} img/s | {row['epoch_s']} s"
+            + (
+                f" | skipped unreadable images: {row['train_bad_images']} train, {row['val_bad_images']} val"
+                if row["train_bad_images"] or row["val_bad_images"]
+                else ""
+            )
         )
         if info.primary:
             append_summary(summary_path, row)
-            checkpoint.save_atomic(
-                {
-                    "format": checkpoint.FORMAT,
-                    "model": bare.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "epoch": epoch,
-                    "best_top1": best_top1,
-                    "best_epoch": best_epoch,
-                    "metrics": row,
-                    "args": vars(args),
-                    "classes": classes,
-                    "sampler": train_loader.sampler.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                },
-                last_path,
-            )
+            save_last(epoch, row)
             if is_best:
                 checkpoint.copy_atomic(last_path, best_path)
             if writer is not None:

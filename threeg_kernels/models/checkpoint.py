@@ -118,13 +118,20 @@ def _short_list(items: list) -> str:
 
 def read_checkpoint_file(path, weights_only: bool = True):
     """torch.load on the CPU; with weights_only, tensors and plain data only (argparse.Namespace allowed),
-    and a file needing more raises CheckpointFormatError saying how to load a trusted one."""
+    and a file needing more raises CheckpointFormatError saying how to load a trusted one. An empty,
+    truncated or corrupt file raises CheckpointFormatError saying so."""
+    _check_file_header(path)
     try:
         # Training checkpoints may hold argparse args; a Namespace is plain data, safe to rebuild.
         # (torch.serialization.safe_globals is torch >= 2.5; pyproject.toml allows 2.4.)
         safe_globals = getattr(torch.serialization, "safe_globals", None)
         with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError) as exc:  # a zip archive cut short or damaged, a pickle cut short
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise CheckpointFormatError(
+            f"{os.fspath(path)}: the file is truncated or corrupt (torch.load: {reason}); copy or save it again"
+        ) from exc
     except pickle.UnpicklingError as exc:
         if not weights_only:
             raise
@@ -134,6 +141,26 @@ def read_checkpoint_file(path, weights_only: bool = True):
             "Old checkpoints can pickle arbitrary Python objects; if you trust this file, call "
             "load_checkpoint(..., weights_only=False), which unpickles it in full (it can run code)."
         ) from exc
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format (a zip archive)
+_PICKLE_PROTO = 0x80  # the legacy format: pickles, the first one starting with the protocol opcode
+
+
+def _check_file_header(path) -> None:
+    """CheckpointFormatError for an empty file or one that torch.save cannot have written (first bytes);
+    a missing or unreadable file keeps its OSError."""
+    if not isinstance(path, (str, os.PathLike)):
+        return  # a file-like object: torch.load reports
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointFormatError(f"{os.fspath(path)}: the file is empty (0 bytes); copy or save it again")
+    if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
+        raise CheckpointFormatError(
+            f"{os.fspath(path)}: not a file written by torch.save (starts with {head!r}, "
+            f"neither a zip archive nor a pickle); the file is corrupt or of another kind"
+        )
 
 
 def _state_dict_of(obj) -> tuple[dict, str]:
@@ -205,7 +232,8 @@ def load_checkpoint(
             that needs more than tensors and plain containers raises CheckpointFormatError saying so.
 
     Raises:
-        CheckpointFormatError (ValueError) for something that is not a checkpoint;
+        CheckpointFormatError (ValueError) for something that is not a checkpoint, or a file that is empty,
+            truncated or corrupt (the message says which);
         CheckpointMismatchError (ValueError) on a strict mismatch, listing missing, unexpected and
         wrong-shaped keys with hints (e.g. num_classes for a fc of another size).
     """
