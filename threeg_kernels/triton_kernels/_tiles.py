@@ -51,7 +51,8 @@ def mm(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
     as Triton's F32DotTC pass lowers it: lo*hi + hi*lo from zero, added to acc, then + hi*hi.
     """
     if PRECISION == "ieee":
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype=acc.dtype: float64 accumulates in float64; Triton 3.6 rejects a float64 acc without it
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     elif PRECISION == "tf32x3":
         if EMULATE:
             a_hi = round_mantissa(a, "tf32")
