@@ -228,21 +228,25 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def report(args: argparse.Namespace) -> str:
-    """The launch table, the totals and the floors, as markdown."""
-    itemsize = 8 if args.dtype == "float64" else 4
-    launches = triton_launches(
+def _launches(args: argparse.Namespace) -> list:
+    """triton_launches for the command line's shape and options."""
+    return triton_launches(
         args.B,
         args.C,
         args.N,
         args.K,
         weighted=not args.unweighted,
         keep=not args.recompute,
-        itemsize=itemsize,
+        itemsize=8 if args.dtype == "float64" else 4,
         block=args.block,
         block_k=args.block_k,
         block_n=args.block_n,
     )
+
+
+def report(args: argparse.Namespace) -> str:
+    """The launch table, the totals and the floors, as markdown."""
+    launches = _launches(args)
     block, block_k, block_n = (
         (args.block, args.block_k, args.block_n) if args.block else default_blocks(args.C, args.N, args.dtype)
     )
@@ -327,18 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.json:
-        launches = triton_launches(
-            args.B,
-            args.C,
-            args.N,
-            args.K,
-            weighted=not args.unweighted,
-            keep=not args.recompute,
-            itemsize=8 if args.dtype == "float64" else 4,
-            block=args.block,
-            block_k=args.block_k,
-            block_n=args.block_n,
-        )
+        launches = _launches(args)
         print(json.dumps(dict(launches=[asdict(a) for a in launches], totals=totals(launches)), indent=1))
         return
     print(report(args))
