@@ -18,17 +18,24 @@ signature drifts fails at import, naming the difference.
     out        (B, C(C+1)/2);  A = Sigma / tr (B, C, C);  tr (B,)
     dweight    an empty tensor when weight is None
 
+Every op pair also promises:
+    B = 0      empty outputs of the shapes above (`forward_outputs`, `backward_outputs`), no kernel launched;
+    dtypes     its products run in x's dtype whatever the caller's autocast region (the backward too, when
+               loss.backward() runs inside one) and, for precision='ieee', whatever TF32 / bf16 matmul setting
+               the caller's script made (threeg_kernels/_precision.py; tests/test_backends.py checks both).
+
 This module registers the fake (meta) kernels and the autograd formula for such a pair, so that every
 backend is traced by torch.compile and checked by opcheck in the same way.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from . import reference
+from ._precision import no_autocast
 from ._validate import MAX_ITERS
 from .reference import ORDERS
 
@@ -85,28 +92,20 @@ def register_pool_op(
     check_schema(forward_op, FORWARD_SCHEMA)
     check_schema(backward_op, BACKWARD_SCHEMA)
 
-    def _iterates_shape(x, iters):
-        b, c, _ = x.shape
-        shape_of = iterates_shape
-        if isinstance(iterates_shape, Mapping):
-            if x.device.type not in iterates_shape:
-                raise NotImplementedError(f"{forward_op} has no kernel for device type {x.device.type!r}")
-            shape_of = iterates_shape[x.device.type]
-        return shape_of(b, c, iters)
+    def _iterates_shape(x) -> IteratesShape:
+        if not isinstance(iterates_shape, Mapping):
+            return iterates_shape
+        if x.device.type not in iterates_shape:
+            raise NotImplementedError(f"{forward_op} has no kernel for device type {x.device.type!r}")
+        return iterates_shape[x.device.type]
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(x, weight, iters, eps, order, keep_iterates, precision):
-        b, c, _ = x.shape
-        out = x.new_empty(b, c * (c + 1) // 2)
-        A = x.new_empty(b, c, c)
-        tr = x.new_empty(b)
-        iterates = x.new_empty(_iterates_shape(x, iters) if keep_iterates else (0,))
-        return out, A, tr, iterates
+        return forward_outputs(x, iters, keep_iterates, _iterates_shape(x))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad, x, weight, out, A, tr, iterates, iters, order, precision):
-        dweight = x.new_empty(0) if weight is None else torch.empty_like(weight)
-        return torch.empty_like(x), dweight
+        return backward_outputs(x, weight)
 
     def setup_context(ctx, inputs, output):
         x, weight, iters, eps, order, _keep, precision = inputs
@@ -121,18 +120,38 @@ def register_pool_op(
         if grad_out is None:
             return None, None, None, None, None, None, None
         x, weight, out, A, tr, iterates = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient will itself be differentiated (a gradient penalty, a Hessian).
-            # The backward ops have no derivative of their own, so the gradient is taken through the
-            # reference math instead, whose autograd graph supports any order.
-            dx, dweight = _reference_gradient(x, weight, grad_out, ctx.iters, ctx.eps, ctx.order)
-            return dx, dweight, None, None, None, None, None
-        dx, dweight = backward_op(
-            grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
-        )
+        # loss.backward() may run inside the caller's autocast region: the gradient is computed in the forward's
+        # compute dtype all the same (each op body also turns autocast off, for direct calls and compiled graphs).
+        with no_autocast(x.device.type):
+            if torch.is_grad_enabled():
+                # create_graph=True: the gradient will itself be differentiated (a gradient penalty, a Hessian).
+                # The backward ops have no derivative of their own, so the gradient is taken through the
+                # reference math instead, whose autograd graph supports any order.
+                dx, dweight = _reference_gradient(x, weight, grad_out, ctx.iters, ctx.eps, ctx.order)
+                return dx, dweight, None, None, None, None, None
+            dx, dweight = backward_op(
+                grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
+            )
         return dx, (dweight if weight is not None else None), None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def forward_outputs(x: torch.Tensor, iters: int, keep_iterates: bool, iterates_shape: IteratesShape) -> tuple:
+    """(out, A, tr, iterates) of the forward op for x (B, C, N), uninitialised: its fake kernel, and what a
+    backend's op returns for an empty batch (B = 0), where no kernel has anything to compute."""
+    b, c, _ = x.shape
+    out = x.new_empty(b, c * (c + 1) // 2)
+    A = x.new_empty(b, c, c)
+    tr = x.new_empty(b)
+    iterates = x.new_empty(iterates_shape(b, c, iters) if keep_iterates else (0,))
+    return out, A, tr, iterates
+
+
+def backward_outputs(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple:
+    """(dx, dweight) of the backward op, uninitialised, as forward_outputs."""
+    dweight = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    return torch.empty_like(x), dweight
 
 
 def _reference_gradient(x, weight, grad_out, iters, eps, order):

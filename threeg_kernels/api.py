@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from . import dispatch
+from ._precision import no_autocast
 from ._validate import (
     canonicalise,
     check_eps_representable,
@@ -97,7 +97,7 @@ def cov_pool(
     # iterates would only hold memory.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     keep = needs_grad and (chosen.keep_iterates if keep_iterates is None else keep_iterates)
-    with _no_autocast(x3.device.type):
+    with no_autocast(x3.device.type):
         wc = None if w2 is None else w2.to(dtype)
         out = chosen.pool(x3.to(dtype), wc, int(iters), float(eps), order, precision, keep)
     return out.to(x.dtype)
@@ -113,13 +113,6 @@ def _transformed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
     if forward_ad._current_level < 0:
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in (x, weight))
-
-
-def _no_autocast(device_type: str):
-    """Autocast off inside the op (it computes in float32/float64 itself), where the device type has autocast."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class CovPool(nn.Module):

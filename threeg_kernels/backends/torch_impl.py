@@ -12,6 +12,9 @@ saves two products but assumes the float32 iterates commute exactly: its error g
 Keep or recompute (21): with keep_iterates=True the forward keeps (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K,
 3(K-1) C x C matrices a sample, laid out (K-1, 3, B, C, C) so that each is written in place; with False the
 backward re-runs the 3K - 3 forward products from A.
+
+The op bodies run with autocast off and, their promise being 'ieee', with float32 products in IEEE float32
+whatever TF32 / bf16 matmul setting the caller made (threeg_kernels/_precision.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._precision import ieee_matmul, no_autocast
 from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, check_op_args, register_pool_op
 from . import Loaded
 
@@ -84,6 +88,11 @@ def cov_pool_torch_forward(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_op_args("threeg::cov_pool_torch_forward", iters, order, precision)
+    with no_autocast(x.device.type), ieee_matmul(x.device.type):
+        return _forward(x, weight, iters, eps, order, keep_iterates)
+
+
+def _forward(x, weight, iters, eps, order, keep_iterates):
     b, c, n = x.shape
     xc = _centred(x, weight)
     sigma = torch.baddbmm(eps * _eye(c, x), xc, xc.transpose(1, 2), alpha=1.0 / n)
@@ -109,6 +118,11 @@ def cov_pool_torch_backward(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_op_args("threeg::cov_pool_torch_backward", iters, order, precision)
+    with no_autocast(x.device.type), ieee_matmul(x.device.type):
+        return _backward(grad, x, weight, out, A, tr, iterates, iters, order)
+
+
+def _backward(grad, x, weight, out, A, tr, iterates, iters, order):
     b, c, n = x.shape
     if iterates.numel() == 0:
         _, iterates = _newton_schulz(A, iters, keep_iterates=True)

@@ -28,7 +28,14 @@ from typing import Optional
 import torch
 import triton
 
-from .._registration import BACKWARD_SCHEMA, FORWARD_SCHEMA, check_op_args, register_pool_op
+from .._registration import (
+    BACKWARD_SCHEMA,
+    FORWARD_SCHEMA,
+    backward_outputs,
+    check_op_args,
+    forward_outputs,
+    register_pool_op,
+)
 from ..triton_kernels import tuning
 from ..triton_kernels._tiles import INTERPRET, PRECISIONS
 from ..triton_kernels.head import head_backward, head_forward
@@ -61,6 +68,8 @@ def cov_pool_triton_forward(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_op_args("threeg::cov_pool_triton_forward", iters, order, precision, PRECISIONS)
+    if x.shape[0] == 0:  # nothing to compute, nor to tune launch settings for
+        return forward_outputs(x, iters, keep_iterates, _iterates_shape)
     with _on_device(x):
         cfg = config_for(x, weight, iters, precision)
         return head_forward(x, weight, iters, eps, order == "3g", keep_iterates, cfg)
@@ -80,6 +89,8 @@ def cov_pool_triton_backward(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_op_args("threeg::cov_pool_triton_backward", iters, order, precision, PRECISIONS)
+    if x.shape[0] == 0:
+        return backward_outputs(x, weight)
     with _on_device(x):
         cfg = config_for(x, weight, iters, precision)
         return head_backward(grad, x, weight, out, A, tr, iterates, iters, order == "3g", cfg)
