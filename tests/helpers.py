@@ -3,6 +3,7 @@ every gradient compared against reference.py."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -150,3 +151,32 @@ def opcheck_pool_ops(backend, *, weighted, keep_iterates, iters, device="cpu", o
     w = None if w is None else w.detach()
     bwd_args = (g, x.detach(), w, out.detach(), A, tr, iterates, iters, order, precision)
     torch.library.opcheck(bwd.default, bwd_args)
+
+
+# --- the caller's float32 matmul settings -----------------------------------------------------------------
+
+# The setting a script flips to allow faster float32 products, per device type, and its fast value.
+FAST_MATMUL = {"cuda": (torch.backends.cuda.matmul, "tf32"), "cpu": (torch.backends.mkldnn.matmul, "bf16")}
+
+
+def reset_matmul_settings() -> None:
+    """The float32 matmul settings of a fresh process: legacy 'highest', every fp32_precision 'none'."""
+    torch.set_float32_matmul_precision("highest")
+    for setting in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, torch.backends):
+        setting.fp32_precision = "none"
+
+
+@contextlib.contextmanager
+def fast_matmul(device: str):
+    """Faster float32 products allowed on `device` as a user's script allows them (CUDA: the common
+    `torch.backends.cuda.matmul.allow_tf32 = True`; CPU: oneDNN's bf16 mode); yields (setting, fast value);
+    the fresh-process settings afterwards."""
+    setting, fast = FAST_MATMUL[device]
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        setting.fp32_precision = fast
+    try:
+        yield setting, fast
+    finally:
+        reset_matmul_settings()

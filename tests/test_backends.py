@@ -22,10 +22,12 @@ from .helpers import (
     RTOL,
     assert_close_to_reference,
     backends_and_devices,
+    fast_matmul,
     interpreted,
     make_case,
     opcheck_pool_ops,
     param_id,
+    pool_ops,
     product,
     rel_err,
     run_pool,
@@ -250,3 +252,155 @@ def test_keep_iterates_is_passed_on(backend, device):
         assert _saved_elements(pool, x, w) == saved[keep], keep
     assert saved[True] > saved[False]
     assert saved[None] == saved[dispatch.resolve(backend, torch.device(device)).keep_iterates]
+
+
+# --- what the caller's process settings must not change: autocast, TF32 / bf16 matmuls; empty batches ------
+
+
+def _autocast_dtypes(backend, device):
+    return [(torch.bfloat16,)] if interpreted(backend, device) else [(torch.bfloat16,), (torch.float16,)]
+
+
+@pytest.mark.parametrize("backend, device, autocast_dtype", backends_and_devices(OP_BACKENDS, _autocast_dtypes))
+def test_backward_under_autocast(backend, device, autocast_dtype):
+    """loss.backward() inside the autocast region, as a training step may run it: the backward's products stay in
+    float32 (autocast would cast them to float16/bfloat16: a 1e-2 error on CPU, or a dtype mismatch error), so the
+    gradients equal the float32 reference's computed outside autocast. ('reference' is autograd through plain
+    torch ops, whose backward nodes autocast does cast: not part of this promise.)"""
+    x, w, g = make_case(2, 16, 20, weighted=True, dtype=torch.float32, device=device)
+    want = run_pool("reference", x, w, g, iters=5)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast(device, dtype=autocast_dtype):
+        out = threeg_kernels.cov_pool(xl, wl, iters=5, backend=backend)
+        (out * g).sum().backward()
+    for name, got, ref in (("out", out, want[0]), ("dx", xl.grad, want[1]), ("dweight", wl.grad, want[2])):
+        assert got.dtype == torch.float32, name
+        assert rel_err(got, ref) <= RTOL[torch.float32], (name, rel_err(got, ref))
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+def test_ops_called_in_an_autocast_region(backend, device):
+    """The registered ops themselves (as torch.compile's graphs call them) compute in x's dtype in an autocast
+    region: the same results as outside it."""
+    fwd, bwd = pool_ops(backend)
+    x, w, g = make_case(2, 16, 20, weighted=True, dtype=torch.float32, device=device)
+    args = (x, w, 3, 1e-7, "3g", True, "ieee")
+    want = fwd(*args)
+    want_grads = bwd(g, x, w, *want[:4], 3, "3g", "ieee")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = fwd(*args)
+        got_grads = bwd(g, x, w, *got[:4], 3, "3g", "ieee")
+    for a, b in zip((*got[:3], *got_grads), (*want[:3], *want_grads)):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices())
+@pytest.mark.parametrize("weighted", WEIGHTED, ids=["unweighted", "weighted"])
+def test_empty_batch(backend, device, weighted):
+    """B = 0: empty results of the right shapes and dtype, forward and backward (no kernel launch: a CUDA grid of
+    zero blocks is an error)."""
+    x, w, _ = make_case(0, 6, 8, weighted=weighted, dtype=torch.float32, device=device)
+    x4 = x.reshape(0, 6, 2, 4).requires_grad_()
+    w4 = None if w is None else w.reshape(0, 1, 2, 4).requires_grad_()
+    out = threeg_kernels.cov_pool(x4, w4, iters=3, backend=backend)
+    assert out.shape == (0, 21) and out.dtype == torch.float32 and out.device.type == device
+    out.backward(torch.ones_like(out))
+    assert x4.grad.shape == x4.shape
+    if weighted:
+        assert w4.grad.shape == w4.shape
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+@pytest.mark.parametrize("keep_iterates", [False, True])
+def test_empty_batch_ops(backend, device, keep_iterates):
+    """B = 0 on the registered op pair, called directly: the contract's shapes (those of its fake kernels, which
+    opcheck compares), for both iterates layouts."""
+    fwd, bwd = pool_ops(backend)
+    x, w, g = make_case(0, 5, 7, weighted=True, dtype=torch.float64, device=device)
+    args = (x, w, 3, 1e-7, "mpncov", keep_iterates, "ieee")
+    torch.library.opcheck(fwd.default, args)
+    out, A, tr, iterates = fwd(*args)
+    assert (out.shape, A.shape, tr.shape) == ((0, 15), (0, 5, 5), (0,))
+    assert iterates.numel() == 0
+    bwd_args = (g, x, w, out, A, tr, iterates, 3, "mpncov", "ieee")
+    torch.library.opcheck(bwd.default, bwd_args)
+    dx, dw = bwd(*bwd_args)
+    assert dx.shape == x.shape and dw.shape == w.shape
+
+
+def _tensor_core_case(backend, device):
+    """(B, C, N) large enough that TF32 products (11-bit significands) miss float32 by far more than RTOL."""
+    return [((2, 20, 33),)] if interpreted(backend, device) else [((2, 64, 49),)]
+
+
+@pytest.mark.parametrize("backend, device, shape", backends_and_devices(OP_BACKENDS, _tensor_core_case))
+def test_ieee_whatever_the_callers_matmul_setting(backend, device, shape):
+    """precision='ieee' (the default) holds when the caller's script allows faster float32 products (TF32 on CUDA,
+    bf16 pieces in oneDNN on CPU: helpers.fast_matmul): the same results as with the default setting, and the
+    caller's setting unchanged afterwards. (On CPUs whose oneDNN ignores the bf16 setting the comparison holds
+    trivially; the CUDA case fails by ~1e-3 when TF32 leaks into the products.)"""
+    x, w, g = make_case(*shape, weighted=True, dtype=torch.float32, device=device)
+    want = run_pool(backend, x, w, g, iters=5)
+    with fast_matmul(device) as (setting, fast):
+        got = run_pool(backend, x, w, g, iters=5)
+        assert setting.fp32_precision == fast  # still the caller's
+    for name, a, b in zip(("out", "dx", "dweight"), got, want):
+        err = rel_err(a, b)
+        assert err == 0 if device == "cpu" else err <= 1e-6, (name, err)
+    if device == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        a = x.transpose(1, 2) @ x  # (B, N, N): TF32 is real on this GPU, so the comparison above can fail
+        with fast_matmul(device):
+            tf32 = x.transpose(1, 2) @ x
+        assert rel_err(tf32, a) > 1e-5
+
+
+@pytest.mark.parametrize(
+    "backend, device", backends_and_devices(("torch", "ext"), lambda b, d: [()] if d == "cuda" else [])
+)
+def test_ieee_in_a_captured_cuda_graph(backend, device):
+    """The products captured into a CUDA graph under the caller's TF32 setting are IEEE float32 too (the op bodies
+    set the math mode while the products are issued, which is when capture records it)."""
+    x, w, _ = make_case(2, 64, 49, weighted=True, dtype=torch.float32, device=device)
+    want = threeg_kernels.cov_pool(x, w, backend=backend)
+    with fast_matmul(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (caches, cuBLAS workspaces)
+            threeg_kernels.cov_pool(x, w, backend=backend)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = threeg_kernels.cov_pool(x, w, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(got, want) <= 1e-6
+
+
+def _past_int32(backend, device):
+    """(B, C, N) whose last sample starts past 2^31 elements of the C x C batches (B*C*C) or of the features (B*C*N;
+    B past the 65535 blocks of a grid's y and z dimensions too), on CUDA only."""
+    if device != "cuda":
+        return []
+    return [pytest.param((32769, 256, 2), id="BCC"), pytest.param((684786, 16, 196), id="BCN")]
+
+
+@pytest.mark.parametrize("backend, device, shape", backends_and_devices(("ext",), _past_int32))
+def test_offsets_past_2_31(backend, device, shape):
+    """Indices past 2^31 elements (int64 offsets in every kernel): the last sample of the batch, forward and
+    backward, equals the same sample computed alone. (About 45 GB of GPU memory.)"""
+    if torch.cuda.get_device_properties(0).total_memory < 80 * 2**30:
+        pytest.skip("needs a GPU with 80 GB of memory")
+    b, c, n = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(b, c, n, device=device, generator=gen).requires_grad_()
+    w = (torch.rand(b, n, device=device, generator=gen) + 0.1).requires_grad_()
+    g = torch.randn(b, c * (c + 1) // 2, device=device, generator=gen)
+    out = threeg_kernels.cov_pool(x, w, iters=1, backend=backend)
+    out.backward(g)
+    last = [t[-1:].detach() for t in (out, x.grad, w.grad)]
+    del out
+    x.grad = w.grad = None
+    alone = run_pool(backend, x[-1:].detach(), w[-1:].detach(), g[-1:], iters=1)
+    for name, a, s in zip(("out", "dx", "dweight"), last, alone):
+        assert rel_err(a, s) <= RTOL[torch.float32], (name, rel_err(a, s))
