@@ -12,6 +12,7 @@ import torch
 
 import threeg_kernels
 from threeg_kernels import dispatch
+from threeg_kernels._precision import LEGACY_SETTING, MATMUL_SETTINGS
 
 # Tolerances are max |a - b| / max |b| against reference.py, per compute dtype.
 # Measured (CPU, 2026-11-26, torch backend, shapes up to (2, 256, 196), iters <= 5, weight on/off):
@@ -155,27 +156,31 @@ def opcheck_pool_ops(backend, *, weighted, keep_iterates, iters, device="cpu", o
 
 # --- the caller's float32 matmul settings -----------------------------------------------------------------
 
-# The setting a script flips to allow faster float32 products, per device type, and its fast value.
-FAST_MATMUL = {"cuda": (torch.backends.cuda.matmul, "tf32"), "cpu": (torch.backends.mkldnn.matmul, "bf16")}
+# The value of a device's matmul setting (threeg_kernels._precision.MATMUL_SETTINGS) that allows its faster float32
+# products: TF32 on CUDA, oneDNN's bf16 pieces on CPU (with torch < 2.9's one setting: 'high' / 'medium').
+FAST_MATMUL = (
+    {"cuda": "high", "cpu": "medium"} if MATMUL_SETTINGS["cuda"] is LEGACY_SETTING else {"cuda": "tf32", "cpu": "bf16"}
+)
 
 
 def reset_matmul_settings() -> None:
     """The float32 matmul settings of a fresh process: legacy 'highest', every fp32_precision 'none'."""
     torch.set_float32_matmul_precision("highest")
-    for setting in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, torch.backends):
-        setting.fp32_precision = "none"
+    if MATMUL_SETTINGS["cuda"] is not LEGACY_SETTING:
+        for setting in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, torch.backends):
+            setting.fp32_precision = "none"
 
 
 @contextlib.contextmanager
 def fast_matmul(device: str):
-    """Faster float32 products allowed on `device` as a user's script allows them (CUDA: the common
-    `torch.backends.cuda.matmul.allow_tf32 = True`; CPU: oneDNN's bf16 mode); yields (setting, fast value);
-    the fresh-process settings afterwards."""
-    setting, fast = FAST_MATMUL[device]
+    """Faster float32 products allowed on `device` as a user's script allows them (on CUDA with the common
+    `torch.backends.cuda.matmul.allow_tf32 = True`); yields (setting, fast value); the fresh-process settings
+    afterwards."""
+    setting, fast = MATMUL_SETTINGS[device], FAST_MATMUL[device]
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
-        setting.fp32_precision = fast
+        setting.write(fast)
     try:
         yield setting, fast
     finally:

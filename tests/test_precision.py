@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import threeg_kernels
-from threeg_kernels._precision import MATMUL_SETTINGS, ieee_matmul, no_autocast
+from threeg_kernels import _precision
+from threeg_kernels._precision import LEGACY_SETTING, MATMUL_SETTINGS, ieee_matmul, no_autocast
 
 from .helpers import fast_matmul, make_case, reset_matmul_settings
 
@@ -76,7 +77,7 @@ def test_ieee_inside_callers_setting_after(device_type, how):
     before = _state()
     setting = MATMUL_SETTINGS[device_type]
     with ieee_matmul(device_type):
-        assert setting.fp32_precision in ("ieee", "none")
+        assert setting.read() in setting.exact
     assert _state() == before
 
 
@@ -84,9 +85,23 @@ def test_restored_after_an_exception():
     _allow_tf32()
     before = _state()
     with pytest.raises(ZeroDivisionError), ieee_matmul("cuda"):
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert MATMUL_SETTINGS["cuda"].read() == "ieee"
         _ = 1 / 0
     assert _state() == before
+
+
+@pytest.mark.parametrize("how", ["allow_tf32", "precision_high", "precision_medium"])
+def test_legacy_setting(monkeypatch, how):
+    """torch < 2.9's one process-wide setting, exercised through the legacy spellings this torch still has (which
+    here also write the fp32_precision settings: only what torch < 2.9 can read back is compared)."""
+    monkeypatch.setattr(_precision, "MATMUL_SETTINGS", {"cuda": LEGACY_SETTING})
+    SETTINGS[how]()
+    legacy = ("allow_tf32", "float32_matmul_precision")
+    before = {k: _state()[k] for k in legacy}
+    with ieee_matmul("cuda"):
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert {k: _state()[k] for k in legacy} == before
 
 
 def test_a_device_without_a_setting_is_left_alone():
@@ -100,10 +115,10 @@ def test_a_device_without_a_setting_is_left_alone():
 def test_the_fast_settings_are_what_a_script_sets():
     """The setting ieee_matmul forces is the one the usual spellings flip (else forcing it would not help)."""
     _allow_tf32()
-    assert MATMUL_SETTINGS["cuda"].fp32_precision == "tf32"
+    assert MATMUL_SETTINGS["cuda"].read() == "tf32"
     reset_matmul_settings()
     torch.set_float32_matmul_precision("medium")
-    assert MATMUL_SETTINGS["cpu"].fp32_precision == "bf16"
+    assert MATMUL_SETTINGS["cpu"].read() == "bf16"
 
 
 def test_no_autocast():

@@ -10,19 +10,59 @@ code, a global-flag context would act only while tracing.
 The caller's matmul precision is read and written through the fp32_precision settings of
 torch.backends.cuda.matmul and torch.backends.mkldnn.matmul (torch >= 2.9), which the older spellings
 (`torch.backends.cuda.matmul.allow_tf32`, `torch.set_float32_matmul_precision`) also set: reading them never
-fails, whichever spelling the caller used. The compiled CUDA kernels do the same in C++ (csrc/cuda, IeeeMatmul).
+fails, whichever spelling the caller used (torch's legacy getters refuse to answer after a mix of spellings).
+Older torch has one process-wide setting, torch.get_float32_matmul_precision(). The compiled CUDA kernels do the
+same in C++ (csrc/cuda/cov_pool_ext.cu, IeeeMatmul).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-# Which fp32_precision setting governs the matrix products of a device type: cuBLAS on CUDA; oneDNN (mkldnn) on
-# CPU, whose 'bf16' mode (what torch.set_float32_matmul_precision("medium") selects) runs float32 bmm in bf16
-# pieces on CPUs with bf16 instructions.
-MATMUL_SETTINGS = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}
+
+@dataclass(frozen=True)
+class MatmulSetting:
+    """One setting that decides whether float32 products may run in a faster mode."""
+
+    read: Callable[[], str]
+    write: Callable[[str], None]
+    exact: tuple[str, ...]  # the values that allow no faster mode
+    ieee: str  # the value written to force IEEE float32
+    unset: Optional[str] = None  # the value that inherits a wider setting, where there is one
+
+
+def _fp32_precision(setting) -> MatmulSetting:
+    return MatmulSetting(
+        read=lambda: setting.fp32_precision,
+        write=lambda value: setattr(setting, "fp32_precision", value),
+        exact=("ieee", "none"),
+        ieee="ieee",
+        unset="none",
+    )
+
+
+# torch < 2.9 has one process-wide setting, for CUDA's TF32 and oneDNN's bf16 alike (allow_tf32 reads it too).
+LEGACY_SETTING = MatmulSetting(
+    read=torch.get_float32_matmul_precision,
+    write=torch.set_float32_matmul_precision,
+    exact=("highest",),
+    ieee="highest",
+)
+
+# The setting that governs the matrix products of each device type: cuBLAS's on CUDA; oneDNN's (mkldnn) on CPU,
+# whose 'bf16' mode (what torch.set_float32_matmul_precision("medium") selects) runs float32 bmm in bf16 pieces on
+# CPUs with bf16 instructions.
+if hasattr(torch.backends.mkldnn, "matmul"):  # torch >= 2.9
+    MATMUL_SETTINGS = {
+        "cuda": _fp32_precision(torch.backends.cuda.matmul),
+        "cpu": _fp32_precision(torch.backends.mkldnn.matmul),
+    }
+else:
+    MATMUL_SETTINGS = {"cuda": LEGACY_SETTING, "cpu": LEGACY_SETTING}
 
 
 def no_autocast(device_type: str):
@@ -39,21 +79,23 @@ def ieee_matmul(device_type: str):
     """Float32 matrix products on `device_type` in IEEE float32 inside the block; the caller's setting is
     restored on exit (exceptions included). Does nothing where the setting already allows no faster mode."""
     setting = MATMUL_SETTINGS.get(device_type)
-    before = None if setting is None else setting.fp32_precision
-    if before in (None, "ieee", "none"):  # 'none' everywhere: no fast mode is allowed
+    before = None if setting is None else setting.read()
+    if before is None or before in setting.exact:
         yield
         return
-    setting.fp32_precision = "ieee"
+    setting.write(setting.ieee)
     try:
         yield
     finally:
         _restore(setting, before)
 
 
-def _restore(setting, before: str) -> None:
-    """Puts back the caller's value. The getter reports the effective value, which may have come from a wider
-    setting (torch.backends.fp32_precision) while this one was 'none': then 'none' restores it, and keeps it
-    following the wider one."""
-    setting.fp32_precision = "none"
-    if setting.fp32_precision != before:
-        setting.fp32_precision = before
+def _restore(setting: MatmulSetting, before: str) -> None:
+    """Puts back the caller's value. fp32_precision's getter reports the effective value, which may have come from
+    a wider setting (torch.backends.fp32_precision) while this one was 'none': then 'none' restores it, and keeps
+    it following the wider one."""
+    if setting.unset is not None:
+        setting.write(setting.unset)
+        if setting.read() == before:
+            return
+    setting.write(before)

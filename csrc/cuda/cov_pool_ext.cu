@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -67,9 +68,11 @@ inline Launch rows_grid(int64_t b_n, int64_t rows, int64_t cols) {
 // .fp32_precision, torch.set_float32_matmul_precision), for the products this op issues, restored on exit.
 // at::NoTF32Guard (thread-local) sets the cuBLAS handle's math mode; the cuBLASLt route
 // (torch.backends.cuda.preferred_blas_library("cublaslt")) reads only the process-wide setting, which is set to
-// IEEE meanwhile and restored as threeg_kernels/_precision.py restores it for the torch backend. Both are read
-// when a product is issued, so a CUDA graph captures IEEE products.
+// IEEE meanwhile and restored as threeg_kernels/_precision.py restores it for the torch backend (with torch >= 2.10,
+// whose C++ API has that setting per backend; older torch: the guard alone). Both are read when a product is
+// issued, so a CUDA graph captures IEEE products.
 class IeeeMatmul {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
  public:
   IeeeMatmul() : before_(at::globalContext().float32Precision(kBackend, kOp)) {
     if (before_ == at::Float32Precision::TF32) {
@@ -84,14 +87,15 @@ class IeeeMatmul {
       at::globalContext().setFloat32Precision(kBackend, kOp, before_);
     }
   }
-  IeeeMatmul(const IeeeMatmul&) = delete;
-  IeeeMatmul& operator=(const IeeeMatmul&) = delete;
 
  private:
   static constexpr at::Float32Backend kBackend = at::Float32Backend::CUDA;
   static constexpr at::Float32Op kOp = at::Float32Op::MATMUL;
   at::NoTF32Guard no_tf32_;
   at::Float32Precision before_;
+#else
+  at::NoTF32Guard no_tf32_;
+#endif
 };
 
 // What both ops run under: autocast off (an op called in an autocast region, or its backward when loss.backward()
