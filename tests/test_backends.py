@@ -404,3 +404,19 @@ def test_offsets_past_2_31(backend, device, shape):
     alone = run_pool(backend, x[-1:].detach(), w[-1:].detach(), g[-1:], iters=1)
     for name, a, s in zip(("out", "dx", "dweight"), last, alone):
         assert rel_err(a, s) <= RTOL[torch.float32], (name, rel_err(a, s))
+
+
+@pytest.mark.parametrize("backend, device", backends_and_devices(OP_BACKENDS))
+def test_double_backward_under_autocast(backend, device):
+    """create_graph=True inside an autocast region (a gradient penalty in a mixed-precision step): the gradient,
+    taken through the reference math, is the float32 one all the same."""
+    x, w, g = make_case(2, 6, 8, weighted=True, dtype=torch.float32, device=device)
+    want = run_pool("reference", x, w, g, iters=3)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = threeg_kernels.cov_pool(xl, wl, iters=3, backend=backend)
+        dx, dw = torch.autograd.grad(out, (xl, wl), g, create_graph=True)
+    assert dx.requires_grad
+    for name, got, ref in (("dx", dx, want[1]), ("dweight", dw, want[2])):
+        assert got.dtype == torch.float32
+        assert rel_err(got, ref) <= RTOL[torch.float32], (name, rel_err(got, ref))

@@ -53,7 +53,10 @@ def cov_pool(
         precision: matmul inputs: 'ieee' (default; fp32-accurate), or the opt-in tensor-core modes
             'tf32x3' (three TF32 products per product: within the fp32 bound of 1e-5), 'tf32' or
             'bf16' (fp32 accumulation; faster, less accurate: docs/triton.md has the measured error).
-            Only the 'triton' backend accepts the opt-in modes; float64 is always ieee.
+            Only the 'triton' backend accepts the opt-in modes; float64 is always ieee. 'ieee' holds whatever
+            faster float32 matmul mode the calling script allows (torch.backends.cuda.matmul.allow_tf32,
+            torch.set_float32_matmul_precision): the 'torch' and 'ext' backends force IEEE float32 for their own
+            products and restore the setting after each op.
         keep_iterates: what the backward of the 'torch', 'ext' and 'triton' backends starts from: True keeps
             the Newton-Schulz iterates (or, for 'ext' on CPU, the eigendecomposition) from the forward, False
             recomputes them in the backward (less memory, more work), None (default) uses the backend's
@@ -62,7 +65,9 @@ def cov_pool(
 
     Returns:
         (B, C(C+1)/2) tensor of x's dtype. float16/bfloat16 inputs are computed in float32 (autocast
-        is disabled inside) and the result cast back; float64 is computed in float64 throughout.
+        is disabled inside) and the result cast back; float64 is computed in float64 throughout. The backward
+        also computes in float32 when loss.backward() runs inside an autocast region (backend 'reference'
+        excepted: its backward is autograd's, whose products autocast casts). B = 0 gives a (0, C(C+1)/2) result.
 
     Autograd: the gradient of every backend equals autograd of the reference math (docs/math.md). Under
     torch.func transforms (grad, jacrev, jacfwd, jvp, vmap, hessian) and forward-mode AD, cov_pool evaluates
