@@ -19,7 +19,8 @@ signature drifts fails at import, naming the difference.
     dweight    an empty tensor when weight is None
 
 Every op pair also promises:
-    B = 0      empty outputs of the shapes above (`forward_outputs`, `backward_outputs`), no kernel launched;
+    B = 0      empty outputs of the shapes above (`forward_outputs`, `backward_outputs`), and no launch of an
+               empty grid (an error in CUDA);
     dtypes     its products run in x's dtype whatever the caller's autocast region (the backward too, when
                loss.backward() runs inside one) and, for precision='ieee', whatever TF32 / bf16 matmul setting
                the caller's script made (threeg_kernels/_precision.py; tests/test_backends.py checks both).
