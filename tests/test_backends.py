@@ -385,7 +385,7 @@ def _past_int32(backend, device):
     return [pytest.param((32769, 256, 2), id="BCC"), pytest.param((684786, 16, 196), id="BCN")]
 
 
-@pytest.mark.parametrize("backend, device, shape", backends_and_devices(("ext",), _past_int32))
+@pytest.mark.parametrize("backend, device, shape", backends_and_devices(("ext", "triton"), _past_int32))
 def test_offsets_past_2_31(backend, device, shape):
     """Indices past 2^31 elements (int64 offsets in every kernel): the last sample of the batch, forward and
     backward, equals the same sample computed alone. (About 45 GB of GPU memory.)"""

@@ -82,7 +82,7 @@ def covariance_forward_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     if ti > tj:
@@ -127,7 +127,7 @@ def row_mean_kernel(
     s_wb, s_wn,
     HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mu = _row_mean(x_ptr, w_ptr, b, rows, C, N, s_xb, s_xc, s_xn, s_wb, s_wn, HAS_W, BLOCK, BLOCK_N)
     res = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
@@ -169,7 +169,7 @@ def covariance_backward_kernel(
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     tr = tl.load(tr_ptr + b)
     c = _sum_row(a_parts_ptr, b, LA, 256) - 0.5 * _sum_row(g_parts_ptr, b, LG, 256)

@@ -71,7 +71,7 @@ def ns_first_step_kernel(
     NORMALISE: tl.constexpr, LAST: tl.constexpr, LOWER: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     # Y_1 and Z_1 are symmetric as computed: tiles i <= j, mirrored; when LAST, the tiles of the packed triangle.
@@ -113,7 +113,7 @@ def ns_t_kernel(
     s_b, s_r, s_c,  # strides shared by the C x C buffers
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=Y_ptr.dtype.element_ty)
@@ -137,7 +137,7 @@ def ns_step_kernel(
     LAST: tl.constexpr, LOWER: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     if LAST:
@@ -173,7 +173,7 @@ def ns_backward_dt_kernel(
     HAS_DZ: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=Yp_ptr.dtype.element_ty)
@@ -199,7 +199,7 @@ def ns_backward_step_kernel(
     HAS_DZ: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     dtype = dY_ptr.dtype.element_ty
@@ -230,7 +230,7 @@ def ns_backward_first_step_kernel(
     HAS_DZ: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     if ti > tj:

@@ -69,7 +69,7 @@ def scatter_triangle_kernel(
     s_yb, s_yr, s_yc,  # strides of dY
     LOWER: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * s_b passes 2^31 once B * C * C or B * C * N does
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
