@@ -11,7 +11,7 @@ for the sm_<arch> target: Triton's binder specialises the arguments as for a rea
 equal to 1 become constants; integers divisible by 16 and 16-byte aligned pointers get
 tt.divisibility = 16), and the compile that the launch would start is recorded instead. Each distinct
 variant (the JIT's own cache key) is then compiled to a cubin, in a pool of `--jobs` processes, and
-Triton's bundled `ptxas -v` reports its registers and spills.
+the `ptxas -v` log of Triton's own ptxas run gives its registers and spills.
 
 A variant fails if it does not compile, needs more shared memory than one block may have, or, for a
 default launch config (_tiles.launch_config), spills registers to local memory; the check then exits 1.
@@ -22,12 +22,12 @@ The last line sums it up: variants, failures, most registers and shared memory, 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -132,18 +132,8 @@ def capture(arch: int, runs) -> list[Variant]:
     return list(variants.values())
 
 
-def _ptxas_usage(ptx: str) -> tuple[int, int]:
-    """(registers per thread, bytes of spill stores) that Triton's bundled ptxas reports for the PTX."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        report = subprocess.run(
-            [ptxas, f"-arch={arch}", "-v", "-o", os.devnull, f.name], capture_output=True, text=True, check=True
-        ).stderr
+def _ptxas_usage(report: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) in the `ptxas -v` log of one compile."""
     regs = max((int(r) for r in re.findall(r"Used (\d+) registers", report)), default=0)
     spills = sum(int(r) for r in re.findall(r"(\d+) bytes spill stores", report))
     return regs, spills
@@ -156,16 +146,25 @@ _ARCH = 90
 def _compile(i: int):
     """(error or None, shared bytes, registers, spill bytes, seconds) of variant i compiled for sm_<arch>."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     v = _VARIANTS[i]
     start = time.time()
+    # Triton prints the log of the ptxas run that builds the cubin (its own flags, which differ between
+    # versions); always compiling makes it run even when the kernel is in Triton's cache.
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    log = io.StringIO()
     try:
         # as JITFunction._do_compile compiles it
         src = ASTSource(v.fn, v.signature, v.constexprs, v.attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", _ARCH, 32), options=v.options.__dict__)
-        regs, spills = _ptxas_usage(kernel.asm["ptx"])
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", _ARCH, 32), options=v.options.__dict__)
+        regs, spills = _ptxas_usage(log.getvalue())
+        if not regs:
+            raise RuntimeError("no ptxas -v report")
     except Exception as exc:  # noqa: BLE001 - report every failing variant, then fail
         lines = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {lines[0] if lines else ''}", 0, 0, 0, time.time() - start
