@@ -34,8 +34,13 @@ from dataclasses import dataclass, field
 import torch
 
 B, C, N = 2, 256, 196
-MODES = [(torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32"), (torch.float32, "bf16"),
-         (torch.float64, "ieee")]
+MODES = [
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32x3"),
+    (torch.float32, "tf32"),
+    (torch.float32, "bf16"),
+    (torch.float64, "ieee"),
+]
 COLUMNS = ["ieee", "tf32x3", "tf32", "bf16", "float64"]
 
 # Most dynamic shared memory one block may use, per compute capability (CUDA programming guide).
@@ -61,8 +66,11 @@ class Variant:
         names = self.fn.arg_names
         constants = {names[path[0]]: value for path, value in self.constexprs.items()}
         aligned = [names[path[0]] for path, attr in self.attrs.items() if ["tt.divisibility", 16] in attr]
-        return (f"{self.fn.__name__} {constants} num_warps={self.options.num_warps} "
-                f"num_stages={self.options.num_stages} divisible_by_16={aligned}")
+        pointers = ",".join(sorted({t for t in self.signature.values() if t.startswith("*")}))
+        return (
+            f"{self.fn.__name__} {pointers} {constants} num_warps={self.options.num_warps} "
+            f"num_stages={self.options.num_stages} divisible_by_16={aligned}"
+        )
 
 
 class _TargetDriver:
@@ -195,7 +203,8 @@ def _table(variants, results) -> str:
         for column in COLUMNS:
             total = sum(worst[(cfg, column)].values()) if (cfg, column) in worst else None
             cells.append("" if total is None else str(total) if total else "-")
-        lines.append(f"| {', '.join(map(str, cfg))} | " + " | ".join(cells) + f" | {regs.get(cfg, '')} | {shared.get(cfg, 0) / 1024:.0f} |")
+        usage = f"{regs.get(cfg, '')} | {shared.get(cfg, 0) / 1024:.0f}"
+        lines.append(f"| {', '.join(map(str, cfg))} | " + " | ".join(cells) + f" | {usage} |")
     return "\n".join(lines)
 
 
@@ -253,33 +262,33 @@ def main(argv=None) -> int:
     start = time.time()
     _VARIANTS, _ARCH = capture(args.arch, runs), args.arch
     jobs = max(1, min(args.jobs, len(_VARIANTS)))
-    if jobs == 1:
-        results = [_compile(i) for i in range(len(_VARIANTS))]
-    else:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_compile, range(len(_VARIANTS)), chunksize=1)
-
     shared_limit = _SHARED_LIMIT.get(args.arch, 48 * 1024)
     failures = 0
     spilled = {True: [], False: []}  # default config or not -> spill bytes of each spilling variant
-    for v, (error, shared, regs, spills, seconds) in zip(_VARIANTS, results):
-        if error is None and spills:
-            spilled[v.default].append(spills)
-        if error is None and shared > shared_limit:
-            error = f"needs {shared} B of shared memory; sm_{args.arch} has {shared_limit} B per block"
-        if error is None and spills and v.default:
-            error = f"spills {spills} B of registers in a default launch config"
-        if error is not None:
-            failures += 1
-            print(f"FAIL {v.label()}\n     {error}")
-        else:
-            print(f"ok   {seconds:4.1f}s shared={shared:6d} B regs={regs:3d} spill={spills:5d} B  {v.label()}")
+    results = []
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for v, result in zip(_VARIANTS, pool.imap(_compile, range(len(_VARIANTS)))):
+            results.append(result)
+            error, shared, regs, spills, seconds = result
+            if error is None and spills:
+                spilled[v.default].append(spills)
+            if error is None and shared > shared_limit:
+                error = f"needs {shared} B of shared memory; sm_{args.arch} has {shared_limit} B per block"
+            if error is None and spills and v.default:
+                error = f"spills {spills} B of registers in a default launch config"
+            if error is not None:
+                failures += 1
+                print(f"FAIL {v.label()}\n     {error}", flush=True)
+            else:
+                usage = f"shared={shared:6d} B regs={regs:3d} spill={spills:5d} B"
+                print(f"ok   {seconds:4.1f}s {usage}  {v.label()}", flush=True)
     if args.table:
         print(_table(_VARIANTS, results))
     ok = [r for r in results if r[0] is None]
+    regs, shared = max((r[2] for r in ok), default=0), max((r[1] for r in ok), default=0)
     line = (
         f"Triton {triton.__version__}, sm_{args.arch}: {len(_VARIANTS)} variants, {failures} failed, "
-        f"max registers {max((r[2] for r in ok), default=0)}, max shared memory {max((r[1] for r in ok), default=0)} B, "
+        f"max registers {regs}, max shared memory {shared} B, "
         f"spills of defaults: {len(spilled[True])} variants ({sum(spilled[True])} B)"
     )
     if args.candidates or args.config:
