@@ -121,7 +121,7 @@ def capture(arch: int, runs) -> list[Variant]:
         return None  # JITFunction.run returns before launching
 
     launch, compile_ = JITFunction.run, JITFunction._do_compile
-    active = driver._active
+    active = driver._active  # read without `driver.active`, which creates a driver and fails without a GPU
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run, JITFunction._do_compile = run, do_compile
     try:
@@ -180,31 +180,34 @@ def _compile(i: int):
 
 
 def _table(variants, results) -> str:
-    """Markdown: per launch config and mode, the spill bytes of one forward+backward (the sum over kernels of
-    each kernel's largest spill across its variants; "-" = none), then the most registers and shared memory."""
-    worst: dict[tuple, dict] = {}  # (config's shape, column) -> {kernel: spill bytes}
-    regs: dict = {}
-    shared: dict = {}
+    """Markdown: per launch config (float32 and float64 apart) and mode, the spill bytes of one forward+backward
+    (the sum over kernels of each kernel's largest spill across its variants; "-" = none; bold: a default
+    config), then the most registers and shared memory over the row's variants."""
+    worst: dict[tuple, dict] = {}  # (row, column) -> {kernel: spill bytes}
+    defaults, regs, shared = set(), {}, {}
     for v, (error, shm, r, spills, _) in zip(variants, results):
-        for config, column, _ in v.origins:
-            cfg = (config.block, config.block_k, config.block_n, config.num_warps, config.num_stages)
-            per_kernel = worst.setdefault((cfg, column), {})
+        for config, column, is_default in v.origins:
+            shape = (config.block, config.block_k, config.block_n, config.num_warps, config.num_stages)
+            row = (shape, column == "float64")
+            per_kernel = worst.setdefault((row, column), {})
             per_kernel[v.fn.__name__] = max(per_kernel.get(v.fn.__name__, 0), spills)
+            if is_default:
+                defaults.add((row, column))
             if error is None:
-                regs[cfg] = max(regs.get(cfg, 0), r)
-                shared[cfg] = max(shared.get(cfg, 0), shm)
-    configs = list(dict.fromkeys(cfg for cfg, _ in worst))
+                regs[row] = max(regs.get(row, 0), r)
+                shared[row] = max(shared.get(row, 0), shm)
     lines = [
         "| tile, depth, N tile, warps, stages | " + " | ".join(COLUMNS) + " | max registers | max shared KB |",
         "|---" * (len(COLUMNS) + 3) + "|",
     ]
-    for cfg in configs:
+    for row in dict.fromkeys(row for row, _ in worst):
         cells = []
         for column in COLUMNS:
-            total = sum(worst[(cfg, column)].values()) if (cfg, column) in worst else None
-            cells.append("" if total is None else str(total) if total else "-")
-        usage = f"{regs.get(cfg, '')} | {shared.get(cfg, 0) / 1024:.0f}"
-        lines.append(f"| {', '.join(map(str, cfg))} | " + " | ".join(cells) + f" | {usage} |")
+            total = sum(worst[(row, column)].values()) if (row, column) in worst else None
+            cell = "" if total is None else str(total) if total else "-"
+            cells.append(f"**{cell}**" if (row, column) in defaults else cell)
+        usage = f"{regs.get(row, '')} | {shared.get(row, 0) / 1024:.0f}"
+        lines.append(f"| {', '.join(map(str, row[0]))} | " + " | ".join(cells) + f" | {usage} |")
     return "\n".join(lines)
 
 
