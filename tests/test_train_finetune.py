@@ -92,6 +92,14 @@ def test_parameter_groups_of_a_timm_backbone_with_the_head():
         finetune.check_input_size(parse_args(["--arch", "timm:resnet18", "--image-size", "32"]), model)
 
 
+def test_resume_refuses_an_optimizer_with_other_groups():
+    old = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}  # one unnamed group
+    with pytest.raises(UserError, match=r"--resume old.pth: its optimizer has the parameter groups \[None\]"):
+        finetune.check_optimizer_state(old, "--resume old.pth")
+    model = create_model("resnet18_3g", num_classes=3)
+    finetune.check_optimizer_state(finetune.build_optimizer(model, parse_args([])).state_dict(), "ok")
+
+
 # -- backbone weights ------------------------------------------------------------------------------------------
 
 
@@ -423,13 +431,13 @@ def pretrain_torchvision_resnet18(root: Path, epochs: int) -> dict:
 @pytest.mark.slow
 def test_pretrained_backbone_starts_higher(tmp_path):
     """Fine-tuning from a backbone that has seen other digits starts far above a random backbone: the first
-    epoch of digits_finetune.yaml on digits 5-9 from a ResNet-18 trained 2 epochs on digits 0-4, saved as a
+    epoch of digits_finetune.yaml on digits 5-9 from a ResNet-18 trained 3 epochs on digits 0-4, saved as a
     torchvision state dict, against the same run from random init (docs/training.md has the numbers)."""
     data.ensure_digits_tree(str(tmp_path / "digits"), 0.2, 0)
     low = digit_subset(tmp_path / "digits", tmp_path / "low", range(5))
     high = digit_subset(tmp_path / "digits", tmp_path / "high", range(5, 10))
     weights = tmp_path / "resnet18-digits-0-4.pth"
-    torch.save(pretrain_torchvision_resnet18(low, epochs=2), weights)
+    torch.save(pretrain_torchvision_resnet18(low, epochs=3), weights)
     torchvision.models.resnet18(num_classes=5).load_state_dict(torch.load(weights, weights_only=True))  # the format
 
     top1 = {}
