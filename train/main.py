@@ -350,6 +350,10 @@ def run(args) -> int:
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
         finetune.check_optimizer_state(resume_state.get("optimizer", {}), f"--resume {args.resume}")
+        resumed_format = "safetensors" if args.resume.endswith(".safetensors") else "pth"
+        if args.save_format != resumed_format:  # one run, one format: no last.pth beside a last.safetensors
+            log(f"note: --resume {args.resume} is a .{resumed_format} checkpoint: the run goes on writing that format")
+            args.save_format = resumed_format
         if args.backbone_weights:
             log(f"note: --backbone-weights {args.backbone_weights} is not read: the weights come from --resume")
     elif args.backbone_weights:
