@@ -33,9 +33,13 @@ LOSS_RTOL, WEIGHT_RTOL = 1e-5, 1e-4
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("freeze", [0, 1], ids=["all-trained", "backbone-frozen-in-epoch-0"])
+def test_two_gloo_ranks_match_one_process(tmp_path, freeze):
+    """With freeze = 1 the DDP wrapper of epoch 0 reduces the head's gradients only and is replaced by one over
+    every parameter for epoch 1."""
     tree = make_tree(tmp_path / "tree", classes=3, train=8, val=4)
     args = tiny_args(tree, "OUT", "--epochs", "2", "--freeze-bn", "--crop-scale", "0.3", "1.0")
+    args += ["--freeze-backbone-epochs", str(freeze)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
 

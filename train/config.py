@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="weights for --evaluate: this pipeline's checkpoints or the released 3G-Net files",
     )
+    g.add_argument(
+        "--save-format",
+        default="pth",
+        choices=["pth", "safetensors"],
+        help="checkpoints as last.pth/best.pth (torch.save) or last.safetensors/best.safetensors (tensors in "
+        "safetensors, the rest as JSON metadata); --resume and --checkpoint read both",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (cuDNN benchmark off)")
@@ -72,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="unreadable image files are skipped, each reported once; more than this share of a split in one "
         "epoch stops the run",
     )
-    g.add_argument("--image-size", type=int, default=224, help="RandomResizedCrop size for training")
+    g.add_argument("--image-size", type=int, default=224, help="training crop size")
+    g.add_argument(
+        "--train-crop",
+        default="random-resized",
+        choices=["random-resized", "center"],
+        help="training crop: RandomResizedCrop(image-size, crop-scale), or Resize(image-size) + "
+        "CenterCrop(image-size) (fast-MPN-COV's fine-grained recipe); the flip follows --hflip",
+    )
     g.add_argument(
         "--crop-scale",
         type=float,
@@ -92,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50_3g", help="a name from threeg_kernels.models.list_models()")
+    g.add_argument(
+        "--arch",
+        default="resnet50_3g",
+        help="a name from threeg_kernels.models.list_models(), or timm:NAME: timm's model NAME (random init, see "
+        "--backbone-weights) with ResNet-3G's head (1x1 reduction to 256, three re-weighting blocks, cov_pool)",
+    )
     g.add_argument(
         "--fused-head",
         action=bool_opt,
@@ -113,6 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-bn",
         action="store_true",
         help="keep BatchNorm in eval mode (running statistics used and kept; affine parameters train)",
+    )
+
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument(
+        "--backbone-weights",
+        default=None,
+        metavar="PATH",
+        help="start the backbone from PATH (.pth/.pt/.safetensors): a torchvision-format ResNet state dict for "
+        "ResNet-3G, a timm state dict for timm:NAME, a released 3G-Net file or a checkpoint of this pipeline; "
+        "the head and classifier keep their initialisation, the file's other tensors are ignored",
+    )
+    g.add_argument(
+        "--head-lr-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="lr of the head (reduction, re-weighting blocks, pooling) = F x --lr",
+    )
+    g.add_argument("--fc-lr-factor", type=float, default=1.0, metavar="F", help="lr of the classifier (fc) = F x --lr")
+    g.add_argument(
+        "--freeze-backbone-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train only the head and classifier for the first N epochs: the backbone's parameters get no "
+        "gradient and it runs in eval mode (BatchNorm uses and keeps its running statistics)",
     )
 
     g = p.add_argument_group("optimisation (SGD)")

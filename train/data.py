@@ -36,7 +36,10 @@ class StackCrops:
 
 
 def train_transform(args) -> transforms.Compose:
-    steps = [transforms.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale))]
+    if args.train_crop == "center":
+        steps = [transforms.Resize(args.image_size), transforms.CenterCrop(args.image_size)]
+    else:
+        steps = [transforms.RandomResizedCrop(args.image_size, scale=tuple(args.crop_scale))]
     if args.hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

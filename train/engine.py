@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -80,12 +80,16 @@ def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+def set_train_mode(model: nn.Module, freeze_bn: bool, frozen: Sequence[nn.Module] = ()) -> None:
+    """Training mode, except BatchNorm with freeze_bn and the `frozen` modules (a frozen backbone): eval mode,
+    so that their BatchNorm layers normalise with, and keep, their running statistics."""
     model.train()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    for m in frozen:
+        m.eval()
 
 
 def autocast(args, device: torch.device):
@@ -241,7 +245,9 @@ class PoolWatch:
         self.first_in = torch.full((), -1, dtype=torch.long, device=device)
         self.first_out = torch.full((), -1, dtype=torch.long, device=device)
         self.step = 0
-        fc, before = getattr(bare, "fc", None), getattr(bare, "layer_reduce_relu", None)
+        head = getattr(bare, "head", None)  # a timm backbone with the head (CovPoolModel): its head's layers
+        fc = getattr(head if head is not None else bare, "fc", None)
+        before = getattr(head, "reduce", None) if head is not None else getattr(bare, "layer_reduce_relu", None)
         if isinstance(fc, nn.Module) and isinstance(before, nn.Module):
             self.handles.append(before.register_forward_hook(lambda m, i, o: self._mark("first_in", o)))
             self.handles.append(fc.register_forward_pre_hook(lambda m, i: self._mark("first_out", i[0])))
@@ -300,8 +306,9 @@ def train_one_epoch(
     scaler,
     head_timer: Optional[HeadTimer] = None,
     bad_images: Optional[BadImages] = None,
+    frozen: Sequence[nn.Module] = (),
 ) -> dict:
-    set_train_mode(model, args.freeze_bn)
+    set_train_mode(model, args.freeze_bn, frozen)
     device = info.device
     if bad_images is None:
         bad_images = BadImages("training", len(loader.dataset), _max_bad(args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -19,13 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import threeg_kernels
 from threeg_kernels import dispatch
-from threeg_kernels.models import create_model, list_models, load_checkpoint
+from threeg_kernels.models import load_checkpoint
 
-from . import checkpoint, data, distributed, engine
+from . import checkpoint, data, distributed, engine, finetune
 from .config import UserError, args_to_yaml, options_of, parse_args
 from .distributed import DistInfo, log
 
-RUN_FILES = ("last.pth", "best.pth", "summary.csv")
+RUN_FILES = ("last.pth", "best.pth", "last.safetensors", "best.safetensors", "summary.csv")
 SUMMARY_FIELDS = (
     "epoch",
     "lr",
@@ -64,6 +65,10 @@ RESUME_KEYS = (
     "dataset",
     "split_seed",
     "digits_val_fraction",
+    "train_crop",
+    "head_lr_factor",
+    "fc_lr_factor",
+    "freeze_backbone_epochs",
 )
 
 
@@ -109,8 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def validate(args, info: DistInfo) -> None:
     """Checks of the options alone, before anything is read or written."""
-    if args.arch not in list_models():
-        raise UserError(f"--arch {args.arch}: unknown; available: {', '.join(list_models())}")
+    finetune.check_arch(args.arch)
+    is_timm = finetune.timm_name(args.arch) is not None
+    if is_timm and not args.fused_head:
+        raise UserError(f"--no-fused-head: applies to ResNet-3G models; --arch {args.arch} always fuses the head")
     if args.pool_backend != "auto":
         if args.pool_backend not in dispatch.BACKENDS:
             raise UserError(f"--pool-backend {args.pool_backend}: unknown; choose auto or one of {dispatch.BACKENDS}")
@@ -120,7 +127,7 @@ def validate(args, info: DistInfo) -> None:
     for name in ("epochs", "batch_size", "iters", "image_size", "val_resize", "val_crop", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    for name in ("image_size", "val_crop"):
+    for name in () if is_timm else ("image_size", "val_crop"):  # timm: finetune.check_input_size
         side = feature_map_side(getattr(args, name))
         if side < 2:
             raise UserError(
@@ -128,8 +135,14 @@ def validate(args, info: DistInfo) -> None:
                 f"(the backbone's total stride is 16) and covariance pooling needs at least 2 positions; "
                 f"use >= {MIN_IMAGE_SIZE}"
             )
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr must be a finite number > 0; got {args.lr}")
+    for name in ("lr", "head_lr_factor", "fc_lr_factor"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value}")
+    if args.freeze_backbone_epochs < 0:
+        raise UserError(f"--freeze-backbone-epochs must be >= 0; got {args.freeze_backbone_epochs}")
+    if args.save_format == "safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise UserError("--save-format safetensors: needs the safetensors package (pip install safetensors)")
     for name in ("seed", "split_seed"):
         if not 0 <= getattr(args, name) <= MAX_SEED:
             raise UserError(
@@ -159,12 +172,14 @@ def validate(args, info: DistInfo) -> None:
             raise UserError("--evaluate needs --checkpoint PATH")
         if args.resume:
             raise UserError("--evaluate takes --checkpoint, not --resume")
+        if args.backbone_weights:
+            raise UserError("--backbone-weights is for training; --evaluate reads all weights from --checkpoint")
     elif args.checkpoint:
         raise UserError("--checkpoint is for --evaluate; to continue a run use --resume PATH")
-    for opt in ("checkpoint", "resume"):
+    for opt in ("checkpoint", "resume", "backbone_weights"):
         path = getattr(args, opt)
         if path and not os.path.isfile(path):
-            raise UserError(f"--{opt} {path}: no such file")
+            raise UserError(f"--{opt.replace('_', '-')} {path}: no such file")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
 
@@ -183,7 +198,8 @@ def check_output_dir(args) -> None:
     if found and not args.overwrite and not resuming_here:
         raise UserError(
             f"--output-dir {out} already holds a run ({', '.join(found)}); pass --resume "
-            f"{os.path.join(out, 'last.pth')} to continue it, --overwrite to replace it, "
+            f"{os.path.join(out, next((f for f in found if f.startswith('last.')), 'last.pth'))} to continue it, "
+            "--overwrite to replace it, "
             "or another --output-dir"
         )
 
@@ -307,16 +323,8 @@ def run(args) -> int:
 
     # Model, and the state it starts from.
     seed_everything(args.seed)
-    try:
-        model = create_model(
-            args.arch,
-            num_classes=len(classes),
-            fused_head=args.fused_head,
-            pool_backend=args.pool_backend,
-            iters=args.iters,
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--arch {args.arch}: {e}") from None
+    model = finetune.build_model(args, len(classes))
+    finetune.check_input_size(args, model)
     resume_state = None
     if args.evaluate:
         state = read_checkpoint(args.checkpoint, "checkpoint")
@@ -341,6 +349,16 @@ def run(args) -> int:
                 "note: resuming with options other than the checkpoint's: "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
+        finetune.check_optimizer_state(resume_state.get("optimizer", {}), f"--resume {args.resume}")
+        resumed_format = "safetensors" if args.resume.endswith(".safetensors") else "pth"
+        if args.save_format != resumed_format:  # one run, one format: no last.pth beside a last.safetensors
+            log(f"note: --resume {args.resume} is a .{resumed_format} checkpoint: the run goes on writing that format")
+            args.save_format = resumed_format
+        if args.backbone_weights:
+            log(f"note: --backbone-weights {args.backbone_weights} is not read: the weights come from --resume")
+    elif args.backbone_weights:
+        weights = read_checkpoint(args.backbone_weights, "backbone-weights")
+        log(finetune.load_backbone(model, weights, args.backbone_weights))
 
     device = info.device
     if args.deterministic:
@@ -353,8 +371,16 @@ def run(args) -> int:
     if info.distributed and (args.sync_bn or (args.sync_bn is None and device.type == "cuda")):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bare = model
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def wrap(frozen: bool) -> nn.Module:
+        """The model to train: the bare one, or a DDP wrapper built after requires_grad is set (DDP reduces the
+        gradients of the parameters that required one when it was built, so freezing builds a new one)."""
+        finetune.set_backbone_frozen(bare, frozen)
+        if not info.distributed:
+            return bare
+        return DistributedDataParallel(bare, device_ids=[device.index] if device.type == "cuda" else None)
+
+    model = wrap(False)
     criterion = nn.CrossEntropyLoss()
     per_rank_batch = args.batch_size // info.world_size
     log(
@@ -372,7 +398,7 @@ def run(args) -> int:
         )
         return 0
 
-    optimizer = torch.optim.SGD(bare.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = finetune.build_optimizer(bare, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs)
     )
@@ -388,13 +414,22 @@ def run(args) -> int:
         checkpoint.set_rng_state(resume_state["rng"])
         log(f"resumed from {args.resume}: epoch {resume_state['epoch']} done, best val top-1 {best_top1:.2f}%")
 
+    log(finetune.describe_groups(optimizer))
+    if args.freeze_backbone_epochs:
+        log(
+            f"backbone frozen for epochs 0 .. {args.freeze_backbone_epochs - 1}: no gradient, eval mode "
+            "(BatchNorm running statistics used and kept)"
+        )
+
     # Everything is checked: from here on files are written.
     summary_path = os.path.join(args.output_dir, "summary.csv")
-    last_path, best_path = (os.path.join(args.output_dir, f) for f in ("last.pth", "best.pth"))
+    last_name, best_name = (f"{stem}.{args.save_format}" for stem in ("last", "best"))
+    last_path, best_path = (os.path.join(args.output_dir, f) for f in (last_name, best_name))
     if info.primary:
         os.makedirs(args.output_dir, exist_ok=True)
         if resume_state is None:
-            for f in (last_path, best_path, os.path.join(args.output_dir, "head_timing.json")):
+            run_files = [os.path.join(args.output_dir, f) for f in RUN_FILES if f != "summary.csv"]
+            for f in (*run_files, os.path.join(args.output_dir, "head_timing.json")):
                 if os.path.exists(f):
                     os.unlink(f)  # --overwrite: no file of the old run survives
         prepare_summary(summary_path, None if resume_state is None else resume_state["epoch"])
@@ -411,7 +446,7 @@ def run(args) -> int:
     bad_val = engine.BadImages("validation", len(val_set), args.max_bad_images)
 
     def save_last(epoch: int, row: dict) -> None:
-        checkpoint.save_atomic(
+        checkpoint.save(
             {
                 "format": checkpoint.FORMAT,
                 "model": bare.state_dict(),
@@ -431,10 +466,26 @@ def run(args) -> int:
         )
 
     run_start = time.perf_counter()
+    frozen_now = False
     for epoch in range(start_epoch, args.epochs):
+        frozen = epoch < args.freeze_backbone_epochs
+        if frozen != frozen_now:
+            model, frozen_now = wrap(frozen), frozen
+            if not frozen:
+                log(f"epoch {epoch}: the backbone is trained from here on")
         train_loader.sampler.set_epoch(epoch)
         train_stats = engine.train_one_epoch(
-            model, criterion, optimizer, train_loader, epoch, args, info, scaler, head_timer, bad_train
+            model,
+            criterion,
+            optimizer,
+            train_loader,
+            epoch,
+            args,
+            info,
+            scaler,
+            head_timer,
+            bad_train,
+            frozen=finetune.backbone_modules(bare) if frozen else (),
         )
         scheduler.step()
         row = {
@@ -497,16 +548,20 @@ def run(args) -> int:
 def log_run_files(args, info: DistInfo, last_epoch: int, best_epoch: int) -> None:
     """Where the run's files are, and the commands that evaluate and resume it."""
     out = args.output_dir
+    last, best = f"last.{args.save_format}", f"best.{args.save_format}"
     log(
-        f"run files in {out}: last.pth (checkpoint of epoch {last_epoch}), best.pth (epoch {best_epoch}, "
+        f"run files in {out}: {last} (checkpoint of epoch {last_epoch}), {best} (epoch {best_epoch}, "
         "best val top-1), summary.csv (one row an epoch), args.yaml (every option)"
     )
-    options = options_of(args, skip=("output_dir", "overwrite", "resume", "evaluate", "checkpoint", "data"))
+    options = options_of(
+        args,
+        skip=("output_dir", "overwrite", "resume", "evaluate", "checkpoint", "data", "backbone_weights"),
+    )
     start = launcher(info) + options + ["--data", args.data]
-    log("evaluate it: " + shlex.join(start + ["--evaluate", "--checkpoint", os.path.join(out, "best.pth")]))
+    log("evaluate it: " + shlex.join(start + ["--evaluate", "--checkpoint", os.path.join(out, best)]))
     log(
         "resume it (after an interruption): "
-        + shlex.join(start + ["--output-dir", out, "--resume", os.path.join(out, "last.pth")])
+        + shlex.join(start + ["--output-dir", out, "--resume", os.path.join(out, last)])
     )
 
 
