@@ -41,7 +41,7 @@ BACKWARD_SCHEMA = (
     " str order, str precision) -> (Tensor dx, Tensor dweight)"
 )
 
-IteratesShape = Callable[[int, int, int], tuple[int, ...]]
+IteratesShape = Callable[[int, int, int, int], tuple[int, ...]]
 
 
 def check_op_args(op: str, iters: int, order: str, precision: str, precisions: tuple[str, ...] = ("ieee",)) -> None:
@@ -78,7 +78,7 @@ def register_pool_op(
 ) -> None:
     """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula.
 
-    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
+    iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
     backend whose device kernels keep different state gives one such function per device type
     (e.g. {"cpu": ..., "cuda": ...}).
     """
@@ -86,13 +86,13 @@ def register_pool_op(
     check_schema(backward_op, BACKWARD_SCHEMA)
 
     def _iterates_shape(x, iters):
-        b, c, _ = x.shape
+        b, c, n = x.shape
         shape_of = iterates_shape
         if isinstance(iterates_shape, Mapping):
             if x.device.type not in iterates_shape:
                 raise NotImplementedError(f"{forward_op} has no kernel for device type {x.device.type!r}")
             shape_of = iterates_shape[x.device.type]
-        return shape_of(b, c, iters)
+        return shape_of(b, c, n, iters)
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(x, weight, iters, eps, order, keep_iterates, precision):

@@ -85,7 +85,7 @@ def cov_pool_triton_backward(
         return head_backward(grad, x, weight, out, A, tr, iterates, iters, order == "3g", cfg)
 
 
-register_pool_op(cov_pool_triton_forward, cov_pool_triton_backward, _iterates_shape)
+register_pool_op(cov_pool_triton_forward, cov_pool_triton_backward, lambda b, c, n, iters: _iterates_shape(b, c, iters))
 
 
 def pool(x, weight, iters, eps, order, precision, keep_iterates):
