@@ -70,7 +70,7 @@ using at::Tensor;
 
 // The Gram route runs when N is below C by the measured margin (docs/ext.md, "Routes": the crossover measured
 // at C = 64 .. 512); threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
-inline bool gram_route(int64_t c, int64_t n) { return 8 * n < 7 * c; }
+inline bool gram_route(int64_t c, int64_t n) { return 16 * n <= 15 * c; }
 
 // c (m x n) = alpha op(a) op(b) + beta c, every matrix row-major with the given leading dimension; op(.) is the
 // transpose when the flag is set. (Row-major c is column-major c^T = op(b)^T op(a)^T: BLAS with a and b swapped.)
@@ -97,6 +97,23 @@ inline void check_blas_sizes(const char* op, int64_t c, int64_t n) {
   TORCH_CHECK(big * big < limit, op, ": C and N must have C^2, C N, N^2 below 2^31 on CPU; got C = ", c, ", N = ", n);
 }
 
+// sum_i v[i] (or v[i]^2) accumulated in double, in four partial sums: one double chain is latency-bound (the
+// compiler may not reorder a floating-point sum), four keep the adder busy.
+template <bool squares, typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
+  double s[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int r = 0; r < 4; ++r) s[r] += squares ? static_cast<double>(v[i + r]) * v[i + r] : v[i + r];
+  for (; i < n; ++i) s[0] += squares ? static_cast<double>(v[i]) * v[i] : v[i];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
+  return sum_as_double<false>(v, n);
+}
+
 // Xc = X_w - mu 1^T of sample b into xc (C x N, contiguous); x and weight may be strided.
 template <typename scalar_t>
 void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, scalar_t* xc) {
@@ -106,13 +123,16 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   for (int64_t c = 0; c < c_n; ++c) {
     const scalar_t* row = xb + c * sc;
     scalar_t* out = xc + c * n_n;
-    double sum = 0;
-    for (int64_t n = 0; n < n_n; ++n) {
-      const scalar_t v = w ? row[n * sn] * w[n * w_stride] : row[n * sn];
-      out[n] = v;
-      sum += v;
+    if (sn == 1 && (!w || w_stride == 1)) {
+      if (w) {
+        for (int64_t n = 0; n < n_n; ++n) out[n] = row[n] * w[n];
+      } else {
+        std::copy(row, row + n_n, out);
+      }
+    } else {
+      for (int64_t n = 0; n < n_n; ++n) out[n] = w ? row[n * sn] * w[n * w_stride] : row[n * sn];
     }
-    const scalar_t mu = static_cast<scalar_t>(sum / n_n);
+    const scalar_t mu = static_cast<scalar_t>(sum_as_double(out, n_n) / n_n);
     for (int64_t n = 0; n < n_n; ++n) out[n] -= mu;
   }
 }
@@ -183,9 +203,7 @@ void trajectories(const scalar_t* l, int64_t c, int64_t iters, scalar_t* ys, sca
 template <typename scalar_t>
 void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, double shift, scalar_t* l) {
   for (int64_t i = 0; i < c; ++i) {
-    double sq = 0;
-    for (int64_t k = 0; k < n; ++k) sq += static_cast<double>(R[i * n + k]) * R[i * n + k];
-    l[i] = static_cast<scalar_t>(sq / (n * tr_b) + shift);
+    l[i] = static_cast<scalar_t>(sum_as_double<true>(R + i * n, n) / (n * tr_b) + shift);
   }
 }
 
@@ -456,6 +474,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
     const int64_t tri = triangle_size(c);
     const scalar_t* sd = saved ? slots.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* tr_p = tr.const_data_ptr<scalar_t>();
+    const int64_t xs1 = x.stride(1), xs2 = x.stride(2), ds1 = dx.stride(1), ds2 = dx.stride(2);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
@@ -465,6 +484,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
       std::vector<scalar_t> work4(gram ? 0 : c * n);
       std::vector<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
+      std::vector<scalar_t> dxw_row(n);
       std::vector<double> dw_acc(n), norms(gram ? n : 0), frow(gram ? n : 0), fscratch(gram ? n : 0);
       GramRecursion recursion;
       std::vector<Eigh<scalar_t>> eigh;  // only to recompute
@@ -477,9 +497,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         // ~ eps_mach / C from the rounding of tr, is far below syevd's on the C x C route; on the Gram route the
         // backward reads a only through the derivatives p'(a), h and F, which it barely moves.
         auto recovered_shift = [&] {
-          double sq = 0;
-          for (int64_t k = 0; k < c * n; ++k) sq += static_cast<double>(xcp[k]) * xcp[k];
-          return std::max(0.0, (1.0 - sq / (n * tr_b)) / c);
+          return std::max(0.0, (1.0 - sum_as_double<true>(xcp, c * n) / (n * tr_b)) / c);
         };
         scalar_t* own = own_slot.data();  // written only when the eigendecomposition is recomputed
         const scalar_t* slot = saved ? sd + b * slot_n : own;
@@ -591,27 +609,40 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         scalar_t* dxb = dx.mutable_data_ptr<scalar_t>() + b * dx.stride(0);
         const scalar_t* wb = w ? w + b * w_sb : nullptr;
         if (wb) std::fill(dw_acc.begin(), dw_acc.end(), 0.0);
+        scalar_t* dxw = dxw_row.data();
         for (int64_t ci = 0; ci < c; ++ci) {
+          const scalar_t* prow = pp + ci * n;
+          const scalar_t* crow = xcp + ci * n;
+          for (int64_t ni = 0; ni < n; ++ni) dxw[ni] = s2p * prow[ni] - s2coef * crow[ni];
           // The centring's own backward, docs/math.md (14): subtract the row mean of dXc. It is zero in exact
           // arithmetic (Xc 1 = 0) but not in floating point when the features' mean is large against their
           // spread, where leaving it out costs digits that autograd through the reference keeps.
-          double row_sum = 0;
-          for (int64_t ni = 0; ni < n; ++ni) row_sum += s2p * pp[ci * n + ni] - s2coef * xcp[ci * n + ni];
-          const scalar_t row_mean = static_cast<scalar_t>(row_sum / n);
-          for (int64_t ni = 0; ni < n; ++ni) {
-            const scalar_t dxw = s2p * pp[ci * n + ni] - s2coef * xcp[ci * n + ni] - row_mean;
-            scalar_t* dst = dxb + ci * dx.stride(1) + ni * dx.stride(2);
+          const scalar_t row_mean = static_cast<scalar_t>(sum_as_double(dxw, n) / n);
+          for (int64_t ni = 0; ni < n; ++ni) dxw[ni] -= row_mean;
+          scalar_t* drow = dxb + ci * ds1;
+          const scalar_t* xrow = xb + ci * xs1;
+          if (ds2 == 1 && xs2 == 1 && w_sn == 1) {  // contiguous rows: loops the compiler vectorises
             if (wb) {
-              *dst = dxw * wb[ni * w_sn];
-              dw_acc[ni] += static_cast<double>(dxw) * xb[ci * x.stride(1) + ni * x.stride(2)];
+              for (int64_t ni = 0; ni < n; ++ni) drow[ni] = dxw[ni] * wb[ni];
+              for (int64_t ni = 0; ni < n; ++ni) dw_acc[ni] += static_cast<double>(dxw[ni]) * xrow[ni];
             } else {
-              *dst = dxw;
+              std::copy(dxw, dxw + n, drow);
+            }
+          } else {
+            for (int64_t ni = 0; ni < n; ++ni) {
+              if (wb) {
+                drow[ni * ds2] = dxw[ni] * wb[ni * w_sn];
+                dw_acc[ni] += static_cast<double>(dxw[ni]) * xrow[ni * xs2];
+              } else {
+                drow[ni * ds2] = dxw[ni];
+              }
             }
           }
         }
         if (wb) {
           scalar_t* dwb = dw.mutable_data_ptr<scalar_t>() + b * dw.stride(0);
-          for (int64_t ni = 0; ni < n; ++ni) dwb[ni * dw.stride(1)] = static_cast<scalar_t>(dw_acc[ni]);
+          const int64_t dws = dw.stride(1);
+          for (int64_t ni = 0; ni < n; ++ni) dwb[ni * dws] = static_cast<scalar_t>(dw_acc[ni]);
         }
       }
     });

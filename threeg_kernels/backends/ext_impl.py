@@ -31,10 +31,10 @@ from .. import _C
 
 
 def gram_route(c, n) -> bool:
-    """Whether the CPU kernels take the Gram route for C channels and N positions: N below 7/8 of C, the
+    """Whether the CPU kernels take the Gram route for C channels and N positions: N <= 15/16 C, the
     measured crossover (docs/ext.md, "Routes"). csrc/cpu/cov_pool_ext.cpp (gram_route) decides with the same
     rule; written with integer products so that symbolic sizes under torch.compile give a guard, not an error."""
-    return 8 * n < 7 * c
+    return 16 * n <= 15 * c
 
 
 def _cpu_iterates_shape(b, c, n, iters):
