@@ -91,6 +91,25 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, con
 #endif
 }
 
+// The lower triangle of c = alpha x y^T (m x m; x and y m x k, row-major): for a symmetric product only the
+// blocks on and below the diagonal are computed, one product per block row of kLowerBlock rows (for m = 512:
+// 10 of 16 blocks). Entries above the diagonal are left as they were: read c through lower_entry or mirror it.
+constexpr int64_t kLowerBlock = 128;
+
+template <typename scalar_t>
+void gemm_lower(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const scalar_t* y, int64_t ld, scalar_t* c,
+                int64_t ldc) {
+  for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
+    const int64_t rows = std::min(kLowerBlock, m - r0);
+    gemm<scalar_t>(false, true, rows, r0 + rows, k, alpha, x + r0 * ld, ld, y, ld, 0, c + r0 * ldc, ldc);
+  }
+}
+
+template <typename scalar_t>
+inline scalar_t lower_entry(const scalar_t* c, int64_t ldc, int64_t i, int64_t j) {
+  return i >= j ? c[i * ldc + j] : c[j * ldc + i];
+}
+
 // BLAS takes 32-bit sizes: every matrix of a sample must fit (C^2, C N and N^2 below 2^31).
 inline void check_blas_sizes(const char* op, int64_t c, int64_t n) {
   const int64_t limit = std::numeric_limits<int>::max(), big = std::max(c, n);
@@ -397,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       for (int64_t b = next++; b < b_n; b = next++) {
         centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
         scalar_t* P = prod.data();
-        gemm<scalar_t>(false, true, c, c, n, 1, xc.data(), n, xc.data(), n, 0, P, c);  // Xc Xc^T
+        gemm_lower<scalar_t>(c, n, 1, xc.data(), xc.data(), n, P, c);  // Xc Xc^T, its lower triangle
 
         double trace = 0;
         for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
@@ -405,8 +424,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
         tr_p[b] = static_cast<scalar_t>(tr_b);
         const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
         scalar_t* Ab = A_p + b * c * c;
-        for (int64_t i = 0; i < c * c; ++i) Ab[i] = P[i] * scale;
-        for (int64_t i = 0; i < c; ++i) Ab[i * (c + 1)] += shift;
+        for (int64_t i = 0; i < c; ++i) {  // A, mirrored from the lower triangle: exactly symmetric
+          for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = Ab[j * c + i] = P[i * c + j] * scale;
+          Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
+        }
 
         scalar_t* slot = keep_iterates ? slots + b * slot_n : own_slot.data();
         double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
@@ -417,7 +438,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           scalar_t* Wq = work3.data();
           for (int64_t ci = 0; ci < c; ++ci)
             for (int64_t j = 0; j < n; ++j) Wq[ci * n + j] = W[ci * n + j] * static_cast<scalar_t>(recursion.q[j]);
-          gemm<scalar_t>(false, true, c, c, n, 1, Wq, n, W, n, 0, P, c);  // W diag(q) W^T, docs/math.md (25)
+          gemm_lower<scalar_t>(c, n, 1, Wq, W, n, P, c);  // W diag(q) W^T, docs/math.md (25): lower triangle
           diag = recursion.pa;
         } else {
           scalar_t* V = slot;
@@ -436,9 +457,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
         const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
         scalar_t* o = out_p + b * triangle_size(c);
-        for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
-          o[idx] = root * Y[i * c + j] + (i == j ? root_diag : scalar_t(0));
-        });
+        if (gram) {  // Y's lower triangle only
+          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
+            o[idx] = root * lower_entry(Y, c, i, j) + (i == j ? root_diag : scalar_t(0));
+          });
+        } else {
+          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
+        }
       }
     });
   });
