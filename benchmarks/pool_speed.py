@@ -1,6 +1,6 @@
 """Speed of cov_pool on every backend present, side by side with the baselines users would otherwise run.
 
-    python -m benchmarks.pool_speed [--quick | --full] [--B 32 64] [--C 256] [--N 196] [--iters 5]
+    python -m benchmarks.pool_speed [--quick | --full | --regimes] [--B 32 64] [--C 256] [--N 196] [--iters 5]
         [--modes fwd bwd full] [--dtype float32 bf16] [--backends torch ...] [--baselines eigh ...]
         [--precision ieee tf32 ...] [--iterates default keep recompute]
         [--upstream-3g PATH] [--upstream-mpncov PATH] [--json out.json] [--plot out.png]
@@ -9,6 +9,10 @@ Prints one markdown table per (mode, dtype): p20/p50/p80 milliseconds, TFLOP/s a
 FLOP count (benchmarks/flops.py), memory (GPU: allocator peak of the call; CPU: bytes saved for
 backward), max relative error against the float64 reference at that shape, and each backend's
 speed-up over each baseline (p50 / p50). docs/benchmark.md explains every column.
+
+--regimes times fwd+bwd on the (C, N) shapes users run (REGIMES: C from 64 to 512; N = 49, 196, 784) at one B
+(16 on CPU, 64 on CUDA), prints one more table (a column per shape) and writes JSON and a PNG under
+benchmarks/results/ unless --json / --plot say where.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ ITERATES = {"default": None, "keep": True, "recompute": False}
 GPU_GRID = dict(B=[32, 64, 128, 256], C=[64, 128, 256], N=[196])
 CPU_GRID = dict(B=[32], C=[256], N=[196])
 QUICK_GRID = dict(B=[4, 8], C=[64], N=[49])
+# --regimes: (C, N) as users run the head: 7x7 maps (N = 49), 14x14 maps and ViT tokens (196), 448 px fine-grained
+# (784), C from a reduced 64 to 512; one B. compile-ref is left out unless --baselines names it (one cold compile
+# per C and dtype, ~20 s each on 2 CPU cores).
+REGIMES = [(64, 196), (128, 196), (256, 49), (256, 196), (256, 784), (384, 196), (512, 196)]
+REGIMES_B = {"cpu": 16, "cuda": 64}
+REGIMES_BASELINES = [b for b in BASELINES if b != "compile-ref"]
+REGIMES_MODES = ["full"]
 
 RECORD_KEYS = (
     "op",
@@ -91,11 +102,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="small CPU-friendly set (B 4 8, C 64, N 49, 5 repeats)")
     grid.add_argument("--full", action="store_true", help="the full grid on any device (slow on CPU)")
+    grid.add_argument(
+        "--regimes",
+        action="store_true",
+        help=(
+            "the (C, N) shapes users run, " + " ".join(f"({c},{n})" for c, n in REGIMES) + ", at one B "
+            "(16 CPU, 64 CUDA; --B overrides), fwd+bwd only unless --modes, every baseline but compile-ref unless "
+            "--baselines, 3 timed calls; writes JSON and a PNG under benchmarks/results/ unless --json/--plot"
+        ),
+    )
     p.add_argument("--B", type=int, nargs="+", help="batch sizes (overrides the grid)")
     p.add_argument("--C", type=int, nargs="+", help="channels (overrides the grid)")
     p.add_argument("--N", type=int, nargs="+", help="spatial positions H*W (overrides the grid)")
     p.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps K (default 5, as 3G-Net)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three (--regimes: full)")
     p.add_argument(
         "--dtype",
         nargs="+",
@@ -142,16 +162,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dtype {' '.join(sorted(AUTOCAST & set(args.dtype)))}: autocast dtypes are benchmarked on CUDA only")
     on_gpu_grid = args.full or args.device.type == "cuda"
     grid = QUICK_GRID if args.quick else GPU_GRID if on_gpu_grid else CPU_GRID
+    if args.regimes:
+        if args.C or args.N:
+            p.error("--regimes sets C and N itself (benchmarks.pool_speed.REGIMES); give --B only")
+        grid = dict(B=[REGIMES_B.get(args.device.type, 16)], C=[c for c, _ in REGIMES], N=[n for _, n in REGIMES])
     for key in ("B", "C", "N"):
         values = getattr(args, key) or grid[key]
         if min(values) < (2 if key == "N" else 1):
             p.error(f"--{key} must be >= {2 if key == 'N' else 1}; got {values}")
         setattr(args, key, values)
+    if args.regimes:
+        args.shapes = [(b, c, n) for c, n in REGIMES for b in args.B]
+    else:
+        args.shapes = [(b, c, n) for c in args.C for n in args.N for b in args.B]
+    if args.modes is None:
+        args.modes = REGIMES_MODES if args.regimes else list(MODES)
+    if args.regimes:
+        args.json = args.json or str(_regimes_path(args.device, "json"))
+        args.plot = args.plot or str(_regimes_path(args.device, "png"))
+        if args.baselines is None:
+            args.baselines = REGIMES_BASELINES
     if args.iters < 1:
         p.error(f"--iters must be >= 1; got {args.iters}")
     cuda = args.device.type == "cuda"
     if args.repeats is None:
-        args.repeats = 20 if cuda and not args.quick else 5
+        args.repeats = 20 if cuda and not args.quick else 3 if args.regimes else 5
     if args.warmup is None:  # the --quick calls take a millisecond: three warm-ups cost nothing there
         args.warmup = 3 if cuda or args.quick else 1
     if args.repeats < 1 or args.warmup < 0:
@@ -193,6 +228,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UpstreamImportError as exc:
         p.error(str(exc))
     return args
+
+
+def _regimes_path(device: torch.device, ext: str) -> Path:
+    return Path(__file__).resolve().parent / "results" / f"regimes-{device.type}.{ext}"
 
 
 def present_backends(device: torch.device) -> list[str]:
@@ -376,7 +415,7 @@ def _progress(total: int, disable: bool):
 
 def run(args: argparse.Namespace) -> list[dict]:
     meta = run_metadata(args.device)
-    shapes = [(b, c, n) for c in args.C for n in args.N for b in args.B]
+    shapes = args.shapes
     total = len(shapes) * len(args.dtype) * len(args.methods)
     records = []
     with _progress(total, args.no_progress) as bar:
@@ -448,6 +487,91 @@ def markdown_tables(records: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+def _regime_columns(records: list[dict]) -> list[tuple]:
+    return list(dict.fromkeys((r["B"], r["C"], r["N"]) for r in records))
+
+
+def regimes_tables(records: list[dict]) -> str:
+    """Per (mode, dtype): p50 ms of every method (rows) at every shape (columns), then the speed-up of each
+    backend over each baseline at every shape."""
+    blocks = []
+    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in records):
+        rows = [r for r in records if r["mode"] == mode and r["dtype"] == dtype]
+        shapes = _regime_columns(rows)
+        by = {(record_label(r), r["B"], r["C"], r["N"]): r for r in rows}
+        methods = list(dict.fromkeys((record_label(r), _marker(r), r["kind"]) for r in rows))
+        head = ["ms p50"] + [f"C={c} N={n}" for _, c, n in shapes]
+        cells = [
+            [label + mark] + [_fmt_ms(by[(label, *sh)]["ms_p50"]) if (label, *sh) in by else "" for sh in shapes]
+            for label, mark, _ in methods
+        ]
+        baselines_ = [(label, mark) for label, mark, kind in methods if kind == "baseline"]
+        speed = []
+        for label, _, kind in methods:
+            if kind != "backend":
+                continue
+            for base, mark in baselines_:
+                row = [f"{label} vs {base}{mark}"]
+                for sh in shapes:
+                    r = by.get((label, *sh))
+                    row.append(f"{r['speedup_vs'][base]:.2f}x" if r and base in r["speedup_vs"] else "")
+                speed.append(row)
+        b = ", ".join(sorted({f"B={sh[0]}" for sh in shapes}))
+        title = f"{mode}, {dtype}, K={rows[0]['K']}, {b}: p50 ms per shape"
+        blocks.append(title + "\n\n" + markdown_table(head, cells))
+        if speed:
+            blocks.append("speed-up (baseline p50 / backend p50)\n\n" + markdown_table(["x"] + head[1:], speed))
+    return "\n\n".join(blocks)
+
+
+def write_regimes_plot(records: list[dict], path) -> None:
+    """Two panels per mode: p50 ms of every method per shape (log), and every backend's speed-up over the
+    original fast-MPN-COV code where it ran (else over the first baseline) per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.8 * len(modes)), squeeze=False)
+    for row, mode in enumerate(modes):
+        rows = [r for r in records if r["mode"] == mode]
+        shapes = _regime_columns(rows)
+        ticks = [f"{c}x{n}" for _, c, n in shapes]
+        names = list(dict.fromkeys((record_label(r), r["kind"]) for r in rows))
+        ax = axes[row][0]
+        for name, kind in names:
+            ms = {(r["B"], r["C"], r["N"]): r["ms_p50"] for r in rows if record_label(r) == name}
+            style = "-o" if kind == "backend" else "--s"
+            ax.plot(ticks, [ms.get(sh, float("nan")) for sh in shapes], style, label=name)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (p50)")
+        ax.set_xlabel("C x N")
+        ax.set_title(f"{mode}, B={shapes[0][0]}, K={rows[0]['K']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        bases = [n for n, k in names if k == "baseline"]
+        base = "upstream-mpncov" if "upstream-mpncov" in bases else (bases[0] if bases else None)
+        ax = axes[row][1]
+        if base is not None:
+            for name, kind in names:
+                if kind != "backend":
+                    continue
+                sp = {(r["B"], r["C"], r["N"]): r["speedup_vs"].get(base) for r in rows if record_label(r) == name}
+                ax.plot(ticks, [sp.get(sh) or float("nan") for sh in shapes], "-o", label=name)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_ylabel(f"speed-up vs {base}")
+            ax.set_xlabel("C x N")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"cov_pool regimes on {records[0]['device_name']} (torch {records[0]['torch_version']})", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
@@ -516,6 +640,8 @@ def main(argv=None) -> list[dict]:
         print("(triton skipped on CPU: it runs only under the interpreter there)")
     records = run(args)
     print(markdown_tables(records))
+    if args.regimes:
+        print("\n" + regimes_tables(records))
     print(
         "\n* baseline: a re-statement of the published method (docs/benchmark.md); "
         "† the original project's code, imported from the checkout given with --upstream-*. "
@@ -529,7 +655,7 @@ def main(argv=None) -> list[dict]:
         write_json(records, args.json)
         print(f"wrote {len(records)} records to {args.json}")
     if args.plot:
-        write_plot(records, args.plot)
+        (write_regimes_plot if args.regimes else write_plot)(records, args.plot)
         print(f"wrote {args.plot}")
     return records
 

@@ -259,6 +259,29 @@ def test_quick_run_writes_every_backend_and_baseline(tmp_path, capsys):
     assert "exact sqrt" in table and out_png.stat().st_size > 0
 
 
+def test_regimes_grid_tables_json_and_plot(tmp_path, capsys, monkeypatch):
+    """--regimes: the (C, N) list at one B, fwd+bwd only, every baseline but compile-ref, the per-shape table and
+    the speed-up table, JSON and PNG (here at small shapes: the real grid takes minutes)."""
+    from benchmarks import pool_speed
+
+    assert (256, 49) in pool_speed.REGIMES and (512, 196) in pool_speed.REGIMES and (64, 196) in pool_speed.REGIMES
+    monkeypatch.setattr(pool_speed, "REGIMES", [(6, 4), (5, 9)])
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    argv = ["--regimes", "--B", "2", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    main(argv + ["--json", str(out_json), "--plot", str(out_png)])
+    table = capsys.readouterr().out
+    records = json.loads(out_json.read_text())
+    assert {(r["B"], r["C"], r["N"]) for r in records} == {(2, 6, 4), (2, 5, 9)}
+    assert {r["mode"] for r in records} == {"full"}
+    baselines_run = {r["backend"] for r in records if r["kind"] == "baseline"}
+    assert baselines_run == set(BASELINES) - {"compile-ref"}
+    assert "| ms p50 | C=6 N=4 | C=5 N=9 |" in table and "| torch vs isqrt-style * |" in table
+    assert out_png.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["--regimes", "--C", "64"])
+    assert "--regimes sets C and N itself" in capsys.readouterr().err
+
+
 def test_iterates_keep_and_recompute(tmp_path, capsys):
     # cov_pool(keep_iterates=True / False) on every backend that has the switch ('reference' has none):
     # the same numbers, and recomputing saves fewer bytes for backward (the CPU peak MB)

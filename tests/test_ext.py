@@ -1,5 +1,6 @@
 """The 'ext' backend (threeg_kernels._C, csrc/): what only it has. Its CUDA kernels compiled where nvcc is, the
-cases the spectral CPU route must get right (rank-deficient covariances, repeated eigenvalues), and the
+cases the spectral CPU routes must get right (rank-deficient covariances, repeated eigenvalues, N = 2), the
+choice between the C x C and the Gram route on either side of the crossover, the empty batch, and the
 errors of its C++ checks. The cases every backend shares (reference, gradcheck, opcheck, compile, keep or
 recompute, CUDA) are in tests/test_backends.py.
 """
@@ -12,9 +13,10 @@ import shutil
 import pytest
 import torch
 
+import threeg_kernels
 from threeg_kernels import dispatch
 
-from .helpers import assert_close_to_reference, devices_for, make_case, pool_ops
+from .helpers import RTOL, assert_close_to_reference, devices_for, make_case, pool_ops, rel_err, run_pool
 
 _MISSING = dispatch.unavailable_reason("ext", "cpu")
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"extension threeg_kernels._C not built: {_MISSING}")
@@ -53,6 +55,146 @@ def test_repeated_eigenvalues_match_reference(device, dtype):
     x = torch.cat([x, x, x], dim=1)  # C = 18, every direction three times
     g = torch.randn(2, 18 * 19 // 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(x)
     assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+# --- the two CPU routes: C x C eigendecomposition, or the N x N Gram matrix (docs/math.md (24)-(29)) ------
+
+_ext_impl = None if _MISSING is not None else __import__("threeg_kernels.backends.ext_impl", fromlist=["gram_route"])
+
+
+def _iterates_width(c: int, n: int) -> int:
+    fwd, _ = pool_ops("ext")
+    x = torch.randn(1, c, n, dtype=torch.float64)
+    return fwd(x, None, 2, 1e-7, "3g", True, "ieee")[3].shape[1]
+
+
+@pytest.mark.parametrize("c", [8, 64, 256])
+def test_route_either_side_of_the_crossover(c):
+    """The Gram route for N <= 15/16 C, keeping V and m of the N x N Gram matrix: N (N + 1) values a sample against
+    the C x C route's C (C + 1); the fake kernel's rule (ext_impl.gram_route) agrees with the C++ one."""
+    below, above = 15 * c // 16, 15 * c // 16 + 1  # the last N of the Gram route, the first of the C x C one
+    assert _ext_impl.gram_route(c, below) and not _ext_impl.gram_route(c, above)
+    if below >= 2:
+        assert _iterates_width(c, below) == below * (below + 1) < c * (c + 1)
+    assert _iterates_width(c, above) == c * (c + 1)
+    assert _iterates_width(c, 2) == 6  # N = 2: the Gram route at any C >= 3
+
+
+def test_gram_route_keeps_less_at_every_n_below_c():
+    c = 40
+    for n in range(2, c):
+        assert _iterates_width(c, n) <= c * (c + 1), n
+
+
+def _both_routes_case(dtype):
+    """C = 24 with N = 12 (the Gram route) and N = 30 (C x C), the same channels."""
+    x, w, g = make_case(2, 24, 30, weighted=True, dtype=dtype, seed=3)
+    return (x[..., :12], w[:, :12], g), (x, w, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 48, 2), (2, 40, 3), (3, 96, 40), (2, 200, 49)])
+@pytest.mark.parametrize("keep_iterates", [True, False])
+def test_gram_route_matches_reference(dtype, shape, keep_iterates):
+    """N = 2 and 3 (a rank-1 and rank-2 covariance), 7x7 maps at C = 200."""
+    x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[2])
+    assert _ext_impl.gram_route(shape[1], shape[2])
+    assert_close_to_reference("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_gram_route_rank_below_n(dtype, iters):
+    """Duplicated positions: Xc has rank N / 2 - 1, so half the Gram matrix's eigenvalues are zero, where its
+    eigenvectors are arbitrary and the coefficients of (25)-(28) are derivatives at a."""
+    x, w, g = make_case(2, 64, 10, weighted=False, dtype=dtype, seed=iters)
+    x = torch.cat([x, x], dim=2)  # N = 20
+    assert_close_to_reference("ext", x, None, g, iters=iters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_route_repeated_eigenvalues(dtype):
+    """Orthonormal centred features: the Gram matrix is a projection, eigenvalue 1 repeated N - 1 times."""
+    c, n = 48, 16
+    gen = torch.Generator().manual_seed(7)
+    q = torch.linalg.qr(torch.randn(c, n, generator=gen, dtype=torch.float64)).Q
+    centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    x = torch.stack([q @ centring, 2 * q @ centring])
+    m = torch.linalg.eigvalsh(x[0].T @ x[0])
+    assert (m[1:] - m[-1]).abs().max() < 1e-12  # the case is what it says (float32 rounds it to 1e-7)
+    x = x.to(dtype)
+    g = torch.randn(2, c * (c + 1) // 2, generator=gen, dtype=torch.float64).to(dtype)
+    assert_close_to_reference("ext", x, None, g, iters=5)
+
+
+def test_routes_agree_in_float64():
+    """Both routes against the float64 reference at 1e-12 (RTOL), and the Gram route's K-step function equals the
+    C x C route's on the same channels when the extra positions are copies (the same covariance)."""
+    assert RTOL[torch.float64] <= 1e-12
+    (xg, wg, g), (xc, wc, _) = _both_routes_case(torch.float64)
+    for x, w in ((xg, wg), (xc, wc)):
+        assert_close_to_reference("ext", x, w, g, iters=5)
+    x2 = torch.cat([xg, xg], dim=2)  # N = 24 = C: the C x C route, the covariance of xg
+    assert not _ext_impl.gram_route(24, 24) and _ext_impl.gram_route(24, 12)
+    a, b = (run_pool("ext", x, None, g, iters=5) for x in (xg, x2))
+    for name, u, v in zip(("out", "dx"), a, b):
+        v = v if name == "out" else v[..., :12] + v[..., 12:]
+        assert rel_err(u, v) <= 1e-12, name
+
+
+def test_gram_route_gradcheck():
+    x, w, _ = make_case(2, 7, 3, weighted=True, dtype=torch.float64, seed=1)
+    fn = lambda *t: threeg_kernels.cov_pool(*t, iters=3, backend="ext")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), w.requires_grad_()))
+
+
+@pytest.mark.parametrize("keep_iterates", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gram_route_opcheck(keep_iterates, weighted):
+    fwd, bwd = pool_ops("ext")
+    x, w, g = make_case(2, 9, 4, weighted=weighted, dtype=torch.float64)
+    args = (x.requires_grad_(), None if w is None else w.requires_grad_(), 3, 1e-7, "3g", keep_iterates, "ieee")
+    torch.library.opcheck(fwd.default, args)
+    out, A, tr, iterates = fwd(*args)
+    assert iterates.shape == ((2, 20) if keep_iterates else (0,))
+    w = None if w is None else w.detach()
+    torch.library.opcheck(bwd.default, (g, x.detach(), w, out, A, tr, iterates, 3, "3g", "ieee"))
+
+
+@pytest.mark.slow
+def test_compile_dynamic_across_the_crossover():
+    """torch.compile(dynamic=True): the fake kernel's route guard recompiles when N crosses 15/16 C."""
+    fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend="ext").sum(-1)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for n in (5, 12, 13):  # C = 8: the Gram route, then C x C twice
+        x, w, _ = make_case(2, 8, n, weighted=True, dtype=torch.float64, seed=n)
+        outs = []
+        for f in (fn, compiled):
+            xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = f(xl, wl)
+            y.backward(torch.ones_like(y))
+            outs.append((y, xl.grad, wl.grad))
+        for a, b in zip(*outs):
+            assert rel_err(a, b) <= 1e-12, n
+
+
+# --- the empty batch ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_iterates", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("c, n", [(4, 5), (16, 3)], ids=["cxc", "gram"])
+def test_empty_batch(keep_iterates, weighted, c, n):
+    """B = 0: outputs of the right shapes with no elements, forward and backward."""
+    fwd, bwd = pool_ops("ext")
+    x = torch.randn(0, c, n)
+    w = torch.rand(0, n) if weighted else None
+    out, A, tr, iterates = fwd(x, w, 5, 1e-7, "3g", keep_iterates, "ieee")
+    width = (n if _ext_impl.gram_route(c, n) else c) * ((n if _ext_impl.gram_route(c, n) else c) + 1)
+    assert out.shape == (0, c * (c + 1) // 2) and A.shape == (0, c, c) and tr.shape == (0,)
+    assert iterates.shape == ((0, width) if keep_iterates else (0,))
+    dx, dw = bwd(torch.randn(0, c * (c + 1) // 2), x, w, out, A, tr, iterates, 5, "3g", "ieee")
+    assert dx.shape == x.shape and dw.shape == ((0, n) if weighted else (0,))
 
 
 # --- errors raised by the C++ checks when the ops are called directly --------------------------------

@@ -49,7 +49,7 @@ BACKWARD_SCHEMA = (
     " str order, str precision) -> (Tensor dx, Tensor dweight)"
 )
 
-IteratesShape = Callable[[int, int, int], tuple[int, ...]]
+IteratesShape = Callable[[int, int, int, int], tuple[int, ...]]
 
 
 def check_op_args(op: str, iters: int, order: str, precision: str, precisions: tuple[str, ...] = ("ieee",)) -> None:
@@ -86,7 +86,7 @@ def register_pool_op(
 ) -> None:
     """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula.
 
-    iterates_shape(B, C, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
+    iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
     backend whose device kernels keep different state gives one such function per device type
     (e.g. {"cpu": ..., "cuda": ...}).
     """
@@ -141,11 +141,11 @@ def register_pool_op(
 def forward_outputs(x: torch.Tensor, iters: int, keep_iterates: bool, iterates_shape: IteratesShape) -> tuple:
     """(out, A, tr, iterates) of the forward op for x (B, C, N), uninitialised: its fake kernel, and what a
     backend's op returns for an empty batch (B = 0), where no kernel has anything to compute."""
-    b, c, _ = x.shape
+    b, c, n = x.shape
     out = x.new_empty(b, c * (c + 1) // 2)
     A = x.new_empty(b, c, c)
     tr = x.new_empty(b)
-    iterates = x.new_empty(iterates_shape(b, c, iters) if keep_iterates else (0,))
+    iterates = x.new_empty(iterates_shape(b, c, n, iters) if keep_iterates else (0,))
     return out, A, tr, iterates
 
 

@@ -1,30 +1,40 @@
 // CPU kernels of the "ext" backend: threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward.
 //
-// The spectral route, docs/math.md (15)-(20): one symmetric eigendecomposition A = U L U^T (LAPACK syevd)
-// gives the K-step result Y_K = U p(L) U^T (15)-(16) and the exact gradient of the unrolled iteration (17),
-// its divided differences computed by the pair recursion (18) without cancellation. The same function as the
-// iteration (not the limit A^{1/2}): it matches reference.py for any K and for rank-deficient covariances.
+// Two exact routes to the same function, the K-step polynomial p of A (docs/math.md (15)-(16)), chosen per shape
+// by gram_route() (docs/ext.md, "Routes"):
 //
-// Per sample (V = U^T: syevd leaves U column-major, i.e. V row-major, in the saved slot):
+// The C x C spectral route, docs/math.md (15)-(20): one symmetric eigendecomposition A = U L U^T (LAPACK syevd)
+// gives the K-step result Y_K = U p(L) U^T (15)-(16) and the exact gradient of the unrolled iteration (17), its
+// divided differences computed by the pair recursion (18) without cancellation.
 //   forward:  Xc (1); P = Xc Xc^T, tr and A (1)-(2); syevd of A; eigenvalues refined through R = V Xc (20);
 //             p(L) (16); Y = V^T (p(L) V); out = sqrt(tr) Y packed in order (6)-(8)
 //   backward: dY_K (9) and <grad, out>; M = D o (V dY V^T) (17)-(18); <dA, A> and dA Xc (19) (dA formed first
 //             when N > C); c and dX_w (13)-(14); dX, dw (14)
-// Saved state when the iterates are kept, (21): per sample [V (C x C), L (C)], shape (B, C (C + 1)); empty:
-// the backward recomputes the eigendecomposition from A.
+//   saved (21): per sample [V = U^T (C x C, row-major), L (C)], shape (B, C (C + 1)).
 //
-// Samples run in parallel (at::parallel_for over the batch, samples handed out one at a time; each thread
-// calls single-threaded BLAS/LAPACK on its own scratch). No N x N matrix is formed; the covariance, trace,
-// normalisation, centring and the triangle pack/scatter are fused loops around the products.
+// The Gram route, docs/math.md (24)-(29), when N is small against C: A = a I + B B^T with B = Xc / sqrt(N tr),
+// a = eps / tr, so only the N x N Gram matrix M = B^T B = V^T diag(m) V (rows of V: its eigenvectors) needs an
+// eigendecomposition; with W = B V^T (C x N), p(A) = p(a) I + W diag(q) W^T (25) and the gradient (27)-(28)
+// needs no C x C eigenvectors and no 1/m: its coefficients are higher divided differences of p from the
+// Leibniz rule on the recursion (26).
+//   forward:  Xc, P = Xc Xc^T, tr and A as above; M = Xc^T Xc / (N tr); syevd of M; W = Xc V^T / sqrt(N tr),
+//             m refined as |W_i|^2 (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
+//   backward: dY_K (9); GW = dY W, H = W^T GW; q, h, F (26); E of (28) in place of H; <dA, A> (29);
+//             dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
+//   saved (21): per sample [V (N x N, row-major), m (N)], shape (B, N (N + 1)) <= (B, C (C + 1)).
+// Either route's saved state may be empty: the backward then recomputes the eigendecomposition.
+//
+// Samples run in parallel (at::parallel_for over the batch, samples handed out one at a time; each thread calls
+// single-threaded BLAS/LAPACK directly on its own scratch, allocated once per call). No N x N matrix is formed
+// on the C x C route and no C x C eigenvector on the Gram route; the covariance, trace, normalisation, centring
+// and the triangle pack/scatter are fused loops around the products.
 #include "../cov_pool_ext.h"
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #if AT_BUILD_WITH_LAPACK()
@@ -33,18 +43,95 @@
 #if AT_MKL_ENABLED()
 extern "C" int MKL_Set_Num_Threads_Local(int nthreads);  // MKL service function (C interface), in libtorch_cpu
 #endif
+#if AT_BUILD_WITH_BLAS()
+// The Fortran BLAS products libtorch_cpu exports (MKL or OpenBLAS): called directly, a product of the small
+// matrices of C = 64 costs no dispatcher, argument checks or output resize (at::mm_out did, ~8 times a sample).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace threeg {
 namespace {
 
 using at::Tensor;
+
+// The Gram route runs when N is below C by the measured margin (docs/ext.md, "Routes": the crossover measured
+// at C = 64 .. 512); threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
+inline bool gram_route(int64_t c, int64_t n) { return 16 * n <= 15 * c; }
+
+// c (m x n) = alpha op(a) op(b) + beta c, every matrix row-major with the given leading dimension; op(.) is the
+// transpose when the flag is set. (Row-major c is column-major c^T = op(b)^T op(a)^T: BLAS with a and b swapped.)
+template <typename scalar_t>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+#if AT_BUILD_WITH_BLAS()
+  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&tra, &trb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&tra, &trb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  }
+#else
+  TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with BLAS; use backend='torch'");
+#endif
+}
+
+// The lower triangle of c = alpha x y^T (m x m; x and y m x k, row-major): for a symmetric product only the
+// blocks on and below the diagonal are computed, one product per block row of kLowerBlock rows (for m = 512:
+// 10 of 16 blocks). Entries above the diagonal are left as they were: read c through lower_entry or mirror it.
+constexpr int64_t kLowerBlock = 128;
+
+template <typename scalar_t>
+void gemm_lower(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const scalar_t* y, int64_t ld, scalar_t* c,
+                int64_t ldc) {
+  for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
+    const int64_t rows = std::min(kLowerBlock, m - r0);
+    gemm<scalar_t>(false, true, rows, r0 + rows, k, alpha, x + r0 * ld, ld, y, ld, 0, c + r0 * ldc, ldc);
+  }
+}
+
+template <typename scalar_t>
+inline scalar_t lower_entry(const scalar_t* c, int64_t ldc, int64_t i, int64_t j) {
+  return i >= j ? c[i * ldc + j] : c[j * ldc + i];
+}
+
+// BLAS takes 32-bit sizes: every matrix of a sample must fit (C^2, C N and N^2 below 2^31).
+inline void check_blas_sizes(const char* op, int64_t c, int64_t n) {
+  const int64_t limit = std::numeric_limits<int>::max(), big = std::max(c, n);
+  TORCH_CHECK(big * big < limit, op, ": C and N must have C^2, C N, N^2 below 2^31 on CPU; got C = ", c, ", N = ", n);
+}
+
+// sum_i v[i] (or v[i]^2) accumulated in double, in four partial sums: one double chain is latency-bound (the
+// compiler may not reorder a floating-point sum), four keep the adder busy.
+template <bool squares, typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
+  double s[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int r = 0; r < 4; ++r) s[r] += squares ? static_cast<double>(v[i + r]) * v[i + r] : v[i + r];
+  for (; i < n; ++i) s[0] += squares ? static_cast<double>(v[i]) * v[i] : v[i];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
+  return sum_as_double<false>(v, n);
+}
 
 // Xc = X_w - mu 1^T of sample b into xc (C x N, contiguous); x and weight may be strided.
 template <typename scalar_t>
@@ -55,27 +142,31 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   for (int64_t c = 0; c < c_n; ++c) {
     const scalar_t* row = xb + c * sc;
     scalar_t* out = xc + c * n_n;
-    double sum = 0;
-    for (int64_t n = 0; n < n_n; ++n) {
-      const scalar_t v = w ? row[n * sn] * w[n * w_stride] : row[n * sn];
-      out[n] = v;
-      sum += v;
+    if (sn == 1 && (!w || w_stride == 1)) {
+      if (w) {
+        for (int64_t n = 0; n < n_n; ++n) out[n] = row[n] * w[n];
+      } else {
+        std::copy(row, row + n_n, out);
+      }
+    } else {
+      for (int64_t n = 0; n < n_n; ++n) out[n] = w ? row[n * sn] * w[n * w_stride] : row[n * sn];
     }
-    const scalar_t mu = static_cast<scalar_t>(sum / n_n);
+    const scalar_t mu = static_cast<scalar_t>(sum_as_double(out, n_n) / n_n);
     for (int64_t n = 0; n < n_n; ++n) out[n] -= mu;
   }
 }
 
-// The eigendecomposition of one symmetric C x C matrix `a` into slot = [V row-major (C x C), L (C)].
-// A sample with a non-finite trace (NaN/Inf inputs) gets NaN, as the iteration would give.
+// The eigendecomposition of one symmetric n x n matrix `a` (row-major; only its lower triangle is read) into
+// slot = [V row-major (n x n, row i the i-th eigenvector), eigenvalues (n)]. A sample with a non-finite trace
+// (NaN/Inf inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once per thread.
 template <typename scalar_t>
 class Eigh {
  public:
-  explicit Eigh(int64_t c) : c_(c) {
+  explicit Eigh(int64_t n) : n_(n) {
 #if AT_BUILD_WITH_LAPACK()
     scalar_t work_size = 0, a = 0, l = 0;
     int iwork_size = 0, info = 0;
-    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', c, &a, c, &l, &work_size, -1, nullptr, 0, &iwork_size, -1,
+    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, &a, n, &l, &work_size, -1, nullptr, 0, &iwork_size, -1,
                                                 &info);
     work_.resize(std::max<int64_t>(1, static_cast<int64_t>(work_size)));
     iwork_.resize(std::max(1, iwork_size));
@@ -83,23 +174,23 @@ class Eigh {
   }
 
   void operator()(const scalar_t* a, bool finite, scalar_t* slot) {
-    const int64_t cc = c_ * c_;
+    const int64_t nn = n_ * n_;
     int info = finite ? 0 : -1;
     if (finite) {
 #if AT_BUILD_WITH_LAPACK()
-      std::copy(a, a + cc, slot);  // symmetric: row-major reads as column-major
-      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', c_, slot, c_, slot + cc, work_.data(),
+      std::copy(a, a + nn, slot);  // symmetric: row-major reads as column-major
+      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n_, slot, n_, slot + nn, work_.data(),
                                                   static_cast<int>(work_.size()), nullptr, 0, iwork_.data(),
                                                   static_cast<int>(iwork_.size()), &info);
 #else
       TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK; use backend='torch'");
 #endif
     }
-    if (info != 0) std::fill(slot, slot + cc + c_, std::numeric_limits<scalar_t>::quiet_NaN());
+    if (info != 0) std::fill(slot, slot + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
   }
 
  private:
-  int64_t c_;
+  int64_t n_;
   std::vector<scalar_t> work_;
   std::vector<int> iwork_;
 };
@@ -131,9 +222,7 @@ void trajectories(const scalar_t* l, int64_t c, int64_t iters, scalar_t* ys, sca
 template <typename scalar_t>
 void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, double shift, scalar_t* l) {
   for (int64_t i = 0; i < c; ++i) {
-    double sq = 0;
-    for (int64_t k = 0; k < n; ++k) sq += static_cast<double>(R[i * n + k]) * R[i * n + k];
-    l[i] = static_cast<scalar_t>(sq / (n * tr_b) + shift);
+    l[i] = static_cast<scalar_t>(sum_as_double<true>(R + i * n, n) / (n * tr_b) + shift);
   }
 }
 
@@ -159,6 +248,84 @@ void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys
     }
   }
 }
+
+// The divided differences of the Gram route, docs/math.md (26): the recursion (16) run on the nodes
+// (l_i, a, a, l_j), l_i = a + m_i, with the Leibniz rule (g h)[x_0..x_r] = sum_s g[x_0..x_s] h[x_s..x_r] for the
+// products t = 1.5 - 0.5 z y, y <- y t, z <- t z. In double: O(K N) per sample, O(K N^2) for the rows of F.
+class GramRecursion {
+ public:
+  // After run(): p(a), p'(a), and per i: q_i = p[l_i, a], h_i = p[l_i, a, a].
+  double pa = 0, dpa = 0;
+  std::vector<double> q, h;
+
+  // keep_steps: keep every step's values for row() (the backward).
+  template <typename scalar_t>
+  void run(const scalar_t* m, int64_t n, double a, int64_t iters, bool keep_steps) {
+    n_ = n;
+    iters_ = iters;
+    q.assign(n, 0);
+    h.assign(n, 0);
+    std::vector<double>& s = steps_;
+    s.resize(keep_steps ? kArrays * iters * n : kArrays * n);
+    // f, f[., a], f[., a, a] of y_0 = l and z_0 = 1 (a node repeated is a derivative: y[a, a] = 1)
+    std::vector<double> y(n), y1(n, 1.0), y2(n, 0.0), z(n, 1.0), z1(n, 0.0), z2(n, 0.0);
+    for (int64_t i = 0; i < n; ++i) y[i] = a + static_cast<double>(m[i]);
+    double ya = a, ya1 = 1, za = 1, za1 = 0;  // y(a), y'(a), z(a), z'(a)
+    for (int64_t k = 0; k < iters; ++k) {
+      const double ta = 1.5 - 0.5 * za * ya, ta1 = -0.5 * (za1 * ya + za * ya1);
+      double* st = s.data() + (keep_steps ? kArrays * k * n : 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const double t = 1.5 - 0.5 * z[i] * y[i];
+        const double t1 = -0.5 * (z[i] * y1[i] + z1[i] * ya);
+        const double t2 = -0.5 * (z[i] * y2[i] + z1[i] * ya1 + z2[i] * ya);
+        const double vals[kArrays] = {y[i], y1[i], y2[i], z[i], z1[i], z2[i], t, t1, t2};
+        for (int64_t r = 0; r < kArrays; ++r) st[r * n + i] = vals[r];
+        y2[i] = y[i] * t2 + y1[i] * ta1 + y2[i] * ta;
+        y1[i] = y[i] * t1 + y1[i] * ta;
+        y[i] = y[i] * t;
+        z2[i] = t * z2[i] + t1 * za1 + t2 * za;
+        z1[i] = t * z1[i] + t1 * za;
+        z[i] = t * z[i];
+      }
+      ya1 = ya1 * ta + ya * ta1;
+      ya = ya * ta;
+      za1 = ta * za1 + ta1 * za;
+      za = ta * za;
+    }
+    pa = ya;
+    dpa = ya1;
+    for (int64_t i = 0; i < n; ++i) {
+      q[i] = y1[i];
+      h[i] = y2[i];
+    }
+  }
+
+  // Row i of F: f[j] = p[l_i, a, a, l_j] for j <= i (F is symmetric). z3: scratch of n.
+  void row(int64_t i, double* __restrict__ f, double* __restrict__ z3) const {
+    const int64_t n = n_, cols = i + 1;
+    std::fill(f, f + cols, 0.0);
+    std::fill(z3, z3 + cols, 0.0);
+    for (int64_t k = 0; k < iters_; ++k) {
+      const double* st = steps_.data() + kArrays * k * n;
+      const double *y = st, *y1 = st + n, *y2 = st + 2 * n, *z = st + 3 * n, *z1 = st + 4 * n, *z2 = st + 5 * n;
+      const double *t = st + 6 * n, *t1 = st + 7 * n, *t2 = st + 8 * n;
+      const double yi = y[i], y1i = y1[i], y2i = y2[i], zi = z[i], z1i = z1[i], z2i = z2[i];
+      const double ti = t[i], t1i = t1[i], t2i = t2[i];
+      for (int64_t j = 0; j < cols; ++j) {
+        // nodes (l_i, a, a, l_j): g[l_i] h3 + g[l_i, a] h[a, a, l_j] + g[l_i, a, a] h[a, l_j] + g3 h(l_j)
+        const double t3 = -0.5 * (zi * f[j] + z1i * y2[j] + z2i * y1[j] + z3[j] * y[j]);
+        const double y3 = yi * t3 + y1i * t2[j] + y2i * t1[j] + f[j] * t[j];
+        z3[j] = ti * z3[j] + t1i * z2[j] + t2i * z1[j] + t3 * z[j];
+        f[j] = y3;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kArrays = 9;  // y, y1, y2, z, z1, z2, t, t1, t2 of one step
+  int64_t n_ = 0, iters_ = 0;
+  std::vector<double> steps_;
+};
 
 // Samples are handed out one at a time from a shared counter rather than in fixed halves: on a shared
 // machine a thread that is descheduled leaves its samples to the others instead of holding up the op.
@@ -187,6 +354,24 @@ inline void for_triangle(int64_t c, bool lower, F f) {
   }
 }
 
+// Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
+inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1) : c * (c + 1); }
+
+// The Gram factor of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N scratch), its
+// eigendecomposition into slot = [V (N x N), m (N)], W = Xc V^T / sqrt(N tr) and m_i = |W_i|^2.
+template <typename scalar_t>
+void gram_factor(const scalar_t* xc, int64_t c, int64_t n, double tr_b, Eigh<scalar_t>& eigh, scalar_t* gram,
+                 scalar_t* slot, scalar_t* W, std::vector<double>& norms) {
+  gemm<scalar_t>(true, false, n, n, c, static_cast<scalar_t>(1.0 / (n * tr_b)), xc, n, xc, n, 0, gram, n);
+  eigh(gram, std::isfinite(tr_b), slot);
+  gemm<scalar_t>(false, true, c, n, n, static_cast<scalar_t>(1.0 / std::sqrt(n * tr_b)), xc, n, slot, n, 0, W, n);
+  // The eigenvalues as Rayleigh quotients v_i^T M v_i = |W_i|^2, the Gram route's (20).
+  std::fill(norms.begin(), norms.end(), 0.0);
+  for (int64_t ci = 0; ci < c; ++ci)
+    for (int64_t j = 0; j < n; ++j) norms[j] += static_cast<double>(W[ci * n + j]) * W[ci * n + j];
+  for (int64_t j = 0; j < n; ++j) slot[n * n + j] = static_cast<scalar_t>(norms[j]);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
                                                        int64_t iters, double eps, c10::string_view order,
                                                        bool keep_iterates, c10::string_view precision) {
@@ -200,57 +385,85 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
               ": float32 on CPU is supported for iters <= 5 (the spectral route's float32 error grows with K); "
               "got iters = ", iters, ". cov_pool(backend='ext') runs the iteration for larger K.");
   const int64_t b_n = x.size(0), c = x.size(1), n = x.size(2);
+  check_blas_sizes(op, c, n);
   const bool weighted = weight.has_value() && weight->defined();
+  const bool gram = gram_route(c, n);
+  const int64_t slot_n = slot_size(c, n);
   Tensor out = at::empty({b_n, triangle_size(c)}, x.options());
   Tensor A = at::empty({b_n, c, c}, x.options());
   Tensor tr = at::empty({b_n}, x.options());
-  Tensor iterates = keep_iterates ? at::empty({b_n, c * (c + 1)}, x.options()) : at::empty({0}, x.options());
+  Tensor iterates = keep_iterates ? at::empty({b_n, slot_n}, x.options()) : at::empty({0}, x.options());
+  if (b_n == 0) return {out, A, tr, iterates};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_forward", [&] {
     const scalar_t* w = weighted ? weight->const_data_ptr<scalar_t>() : nullptr;
     const int64_t w_sb = weighted ? weight->stride(0) : 0, w_sn = weighted ? weight->stride(1) : 0;
+    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    scalar_t* A_p = A.mutable_data_ptr<scalar_t>();
+    scalar_t* tr_p = tr.mutable_data_ptr<scalar_t>();
+    scalar_t* slots = keep_iterates ? iterates.mutable_data_ptr<scalar_t>() : nullptr;
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
-      at::AutoDispatchBelowADInplaceOrView guard;
       SequentialBlas sequential_blas;
-      Tensor xc = at::empty({c, n}, x.options());
-      Tensor prod = at::empty({c, c}, x.options());  // Xc Xc^T, then Y
-      Tensor proj = at::empty({c, n}, x.options());  // V Xc
-      Tensor scaled = at::empty({c, c}, x.options());  // p(L) V
-      Tensor own_slot = keep_iterates ? Tensor() : at::empty({c * (c + 1)}, x.options());
+      const int64_t k = gram ? n : c;  // the eigendecomposition's size
+      std::vector<scalar_t> xc(c * n), prod(c * c), own_slot(keep_iterates ? 0 : slot_n);
+      // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: gram (N x N), W, W diag(q) (C x N)
+      std::vector<scalar_t> work1(gram ? n * n : c * n), work2(c * (gram ? n : c)), work3(gram ? c * n : 0);
       std::vector<scalar_t> p(c);
-      Eigh<scalar_t> eigh(c);
+      std::vector<double> norms(n);
+      GramRecursion recursion;
+      Eigh<scalar_t> eigh(k);
       for (int64_t b = next++; b < b_n; b = next++) {
-        centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.mutable_data_ptr<scalar_t>());
-        at::mm_out(prod, xc, xc.t());
+        centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
+        scalar_t* P = prod.data();
+        gemm_lower<scalar_t>(c, n, 1, xc.data(), xc.data(), n, P, c);  // Xc Xc^T, its lower triangle
 
-        const scalar_t* P = prod.const_data_ptr<scalar_t>();
         double trace = 0;
         for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
         const double tr_b = trace / n + c * eps;
-        tr.mutable_data_ptr<scalar_t>()[b] = static_cast<scalar_t>(tr_b);
+        tr_p[b] = static_cast<scalar_t>(tr_b);
         const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
-        scalar_t* Ab = A.mutable_data_ptr<scalar_t>() + b * c * c;
-        for (int64_t i = 0; i < c * c; ++i) Ab[i] = P[i] * scale;
-        for (int64_t i = 0; i < c; ++i) Ab[i * (c + 1)] += shift;
+        scalar_t* Ab = A_p + b * c * c;
+        for (int64_t i = 0; i < c; ++i) {  // A, mirrored from the lower triangle: exactly symmetric
+          for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = Ab[j * c + i] = P[i * c + j] * scale;
+          Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
+        }
 
-        Tensor slot = keep_iterates ? iterates[b] : own_slot;
-        scalar_t* V = slot.mutable_data_ptr<scalar_t>();
-        eigh(Ab, std::isfinite(tr_b), V);
-        Tensor Vt = slot.narrow(0, 0, c * c).view({c, c});
-        at::mm_out(proj, Vt, xc);
-        rayleigh_eigenvalues<scalar_t>(proj.const_data_ptr<scalar_t>(), c, n, tr_b, eps / tr_b, V + c * c);
-        trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
+        scalar_t* slot = keep_iterates ? slots + b * slot_n : own_slot.data();
+        double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
+        if (gram) {
+          scalar_t* W = work2.data();
+          gram_factor<scalar_t>(xc.data(), c, n, tr_b, eigh, work1.data(), slot, W, norms);
+          recursion.run(slot + n * n, n, eps / tr_b, iters, false);
+          scalar_t* Wq = work3.data();
+          for (int64_t ci = 0; ci < c; ++ci)
+            for (int64_t j = 0; j < n; ++j) Wq[ci * n + j] = W[ci * n + j] * static_cast<scalar_t>(recursion.q[j]);
+          gemm_lower<scalar_t>(c, n, 1, Wq, W, n, P, c);  // W diag(q) W^T, docs/math.md (25): lower triangle
+          diag = recursion.pa;
+        } else {
+          scalar_t* V = slot;
+          eigh(Ab, std::isfinite(tr_b), V);
+          scalar_t* proj = work1.data();
+          gemm<scalar_t>(false, false, c, n, c, 1, V, c, xc.data(), n, 0, proj, n);  // V Xc
+          rayleigh_eigenvalues<scalar_t>(proj, c, n, tr_b, eps / tr_b, V + c * c);
+          trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
+          scalar_t* scaled = work2.data();
+          for (int64_t i = 0; i < c; ++i)
+            for (int64_t j = 0; j < c; ++j) scaled[i * c + j] = p[i] * V[i * c + j];
+          gemm<scalar_t>(true, false, c, c, c, 1, V, c, scaled, c, 0, P, c);  // Y = V^T p(L) V
+        }
 
-        scalar_t* W = scaled.mutable_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < c; ++i)
-          for (int64_t j = 0; j < c; ++j) W[i * c + j] = p[i] * V[i * c + j];
-        at::mm_out(prod, Vt.t(), scaled);  // Y = V^T p(L) V
-
-        const scalar_t* Y = prod.const_data_ptr<scalar_t>();
+        const scalar_t* Y = P;
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
-        scalar_t* o = out.mutable_data_ptr<scalar_t>() + b * triangle_size(c);
-        for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
+        const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
+        scalar_t* o = out_p + b * triangle_size(c);
+        if (gram) {  // Y's lower triangle only
+          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
+            o[idx] = root * lower_entry(Y, c, i, j) + (i == j ? root_diag : scalar_t(0));
+          });
+        } else {
+          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
+        }
       }
     });
   });
@@ -263,134 +476,198 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
                                         c10::string_view precision) {
   const char* op = "threeg::cov_pool_ext_backward";
   const int64_t b_n = x.size(0), c = x.size(1), n = x.size(2);
-  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates, {b_n, c * (c + 1)}, iters, precision,
+  check_blas_sizes(op, c, n);
+  const bool gram = gram_route(c, n);
+  const int64_t slot_n = slot_size(c, n);
+  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates, {b_n, slot_n}, iters, precision,
                       c10::kCPU);
   const bool lower = is_lower_order(op, order);
   const bool weighted = weight.has_value() && weight->defined();
   const bool saved = iterates.numel() != 0;
-  const Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), A = A_in.contiguous(), tr = tr_in.contiguous();
-  const Tensor slots = saved ? iterates.contiguous() : iterates;
   Tensor dx = at::empty_like(x);
   Tensor dw = weighted ? at::empty_like(*weight) : at::empty({0}, x.options());
-  // Apply dA to Xc without forming dA while that is cheaper (N <= C: 3 C^2 N flops against 2 C^3 + C^2 N).
+  if (b_n == 0) return {dx, dw};
+  const Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), A = A_in.contiguous(), tr = tr_in.contiguous();
+  const Tensor slots = saved ? iterates.contiguous() : iterates;
+  // C x C route: apply dA to Xc without forming dA while that is cheaper (N <= C: 3 C^2 N flops against
+  // 2 C^3 + C^2 N).
   const bool via_eigenbasis = n <= c;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_backward", [&] {
     const scalar_t* w = weighted ? weight->const_data_ptr<scalar_t>() : nullptr;
     const int64_t w_sb = weighted ? weight->stride(0) : 0, w_sn = weighted ? weight->stride(1) : 0;
     const int64_t tri = triangle_size(c);
+    const scalar_t* sd = saved ? slots.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* tr_p = tr.const_data_ptr<scalar_t>();
+    const int64_t xs1 = x.stride(1), xs2 = x.stride(2), ds1 = dx.stride(1), ds2 = dx.stride(2);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
-      at::AutoDispatchBelowADInplaceOrView guard;
       SequentialBlas sequential_blas;
-      auto opts = x.options();
-      Tensor xc = at::empty({c, n}, opts);
-      Tensor dY = at::empty({c, c}, opts);  // then dA when !via_eigenbasis
-      Tensor Q = at::empty({c, c}, opts);
-      Tensor M = at::empty({c, c}, opts);
-      // V Xc: applies dA without forming it, and refines recomputed eigenvalues as the forward did.
-      const bool project = via_eigenbasis || !saved;
-      Tensor R1 = at::empty({c, n}, opts), R2 = project ? at::empty({c, n}, opts) : Tensor();
-      Tensor own_slot = saved ? Tensor() : at::empty({c * (c + 1)}, opts);
-      std::vector<scalar_t> traj(3 * iters * c), p(c), ddy(c), ddz(c);
-      std::vector<double> dw_acc(n);
-      std::unique_ptr<Eigh<scalar_t>> eigh;
-      if (!saved) eigh = std::make_unique<Eigh<scalar_t>>(c);
-      const scalar_t* sd = saved ? slots.const_data_ptr<scalar_t>() : nullptr;
+      std::vector<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);
+      // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: W, GW, R (C x N), H (N x N), gram (N x N)
+      std::vector<scalar_t> work1(gram ? c * n : c * c), work2(gram ? c * n : c * c), work3(c * n);
+      std::vector<scalar_t> work4(gram ? 0 : c * n);
+      std::vector<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
+      std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
+      std::vector<scalar_t> dxw_row(n);
+      std::vector<double> dw_acc(n), norms(gram ? n : 0), frow(gram ? n : 0), fscratch(gram ? n : 0);
+      GramRecursion recursion;
+      std::vector<Eigh<scalar_t>> eigh;  // only to recompute
+      if (!saved) eigh.emplace_back(gram ? n : c);
       for (int64_t b = next++; b < b_n; b = next++) {
-        const double tr_b = tr.const_data_ptr<scalar_t>()[b];
-        Tensor slot = saved ? slots[b] : own_slot;
-        const scalar_t* l = (saved ? sd + b * c * (c + 1) : own_slot.const_data_ptr<scalar_t>()) + c * c;
-        Tensor V = slot.narrow(0, 0, c * c).view({c, c});
-        centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.mutable_data_ptr<scalar_t>());
-        if (!saved) {
-          (*eigh)(A.const_data_ptr<scalar_t>() + b * c * c, std::isfinite(tr_b), own_slot.mutable_data_ptr<scalar_t>());
-        }
-        if (project) at::mm_out(R2, V, xc);  // U^T Xc
-        if (!saved) {
-          // eps / tr from trace(A) = 1 = |Xc|^2 / (N tr) + C eps / tr (the backward has no eps): its error,
-          // ~ eps_mach / C from the rounding of tr, is far below syevd's.
-          const scalar_t* xcp = xc.const_data_ptr<scalar_t>();
-          double sq = 0;
-          for (int64_t k = 0; k < c * n; ++k) sq += static_cast<double>(xcp[k]) * xcp[k];
-          const double shift = std::max(0.0, (1.0 - sq / (n * tr_b)) / c);
-          rayleigh_eigenvalues<scalar_t>(R2.const_data_ptr<scalar_t>(), c, n, tr_b, shift,
-                                         own_slot.mutable_data_ptr<scalar_t>() + c * c);
-        }
+        const double tr_b = tr_p[b];
+        centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
+        const scalar_t* xcp = xc.data();
+        // eps / tr from trace(A) = 1 = |Xc|^2 / (N tr) + C eps / tr (the backward has no eps): its error,
+        // ~ eps_mach / C from the rounding of tr, is far below syevd's on the C x C route; on the Gram route the
+        // backward reads a only through the derivatives p'(a), h and F, which it barely moves.
+        auto recovered_shift = [&] {
+          return std::max(0.0, (1.0 - sum_as_double<true>(xcp, c * n) / (n * tr_b)) / c);
+        };
+        scalar_t* own = own_slot.data();  // written only when the eigendecomposition is recomputed
+        const scalar_t* slot = saved ? sd + b * slot_n : own;
 
-        // dY_K = sqrt(tr) sym(G_S), docs/math.md (9), and <grad, out> on the way.
+        // dY_K = sqrt(tr) sym(G_S), docs/math.md (9), and <grad, out>, trace(dY) on the way.
         const scalar_t* g = grad.const_data_ptr<scalar_t>() + b * tri;
         const scalar_t* o = out.const_data_ptr<scalar_t>() + b * tri;
-        scalar_t* dy = dY.mutable_data_ptr<scalar_t>();
+        scalar_t* dy = dY.data();
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b)), half_root = root * scalar_t(0.5);
-        double grad_out = 0;
+        double grad_out = 0, trace_dy = 0;
         for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
           grad_out += static_cast<double>(g[idx]) * o[idx];
           if (i == j) {
             dy[i * c + i] = root * g[idx];
+            trace_dy += dy[i * c + i];
           } else {
             dy[i * c + j] = dy[j * c + i] = half_root * g[idx];
           }
         });
 
-        at::mm_out(Q, dY, V.t());
-        at::mm_out(M, V, Q);  // U^T dY U
-
-        scalar_t* ys = traj.data();
-        scalar_t* zs = ys + iters * c;
-        scalar_t* ts = zs + iters * c;
-        trajectories<scalar_t>(l, c, iters, ys, zs, ts, p.data());
-        scalar_t* m = M.mutable_data_ptr<scalar_t>();
         double dA_dot_A = 0;
-        for (int64_t i = 0; i < c; ++i) {
-          divided_differences<scalar_t>(i, c, iters, ys, zs, ts, ddy.data(), ddz.data());
-          for (int64_t j = 0; j < i; ++j) {
-            m[i * c + j] *= ddy[j];
-            m[j * c + i] *= ddy[j];
+        const scalar_t* pp = nullptr;  // dA Xc / dscale
+        double dscale = 1;
+        if (gram) {
+          scalar_t* W = work1.data();
+          scalar_t* GW = work2.data();
+          scalar_t* R = work3.data();
+          scalar_t* H = work5.data();
+          if (saved) {
+            gemm<scalar_t>(false, true, c, n, n, static_cast<scalar_t>(1.0 / std::sqrt(n * tr_b)), xcp, n, slot, n, 0,
+                           W, n);
+          } else {
+            gram_factor<scalar_t>(xcp, c, n, tr_b, eigh[0], work6.data(), own, W, norms);
           }
-          m[i * c + i] *= ddy[i];
-          dA_dot_A += static_cast<double>(m[i * c + i]) * l[i];
+          const scalar_t* m = slot + n * n;
+          const double a = recovered_shift();
+          recursion.run(m, n, a, iters, true);
+          const std::vector<double>&q = recursion.q, &h = recursion.h;
+          gemm<scalar_t>(false, false, c, n, c, 1, dy, c, W, n, 0, GW, n);  // dY W
+          gemm<scalar_t>(true, false, n, n, c, 1, W, n, GW, n, 0, H, n);    // W^T dY W
+          // <dA, A> = a trace(dA) + trace(W^T dA W), docs/math.md (29), from the diagonal of H before E replaces it.
+          double trace_dA = recursion.dpa * trace_dy, inner = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            recursion.row(i, frow.data(), fscratch.data());
+            const double mi = m[i], fii = frow[i], hii = H[i * n + i];
+            trace_dA += (2 * h[i] + fii * mi) * hii;
+            inner += (q[i] + mi * h[i] + mi * mi * fii) * hii;
+            // E = diag(h) H + (F o H) diag(m), docs/math.md (28), over the row's j <= i and their mirrors
+            for (int64_t j = 0; j < i; ++j) {
+              const double f = frow[j];
+              H[i * n + j] = static_cast<scalar_t>((h[i] + f * m[j]) * H[i * n + j]);
+              H[j * n + i] = static_cast<scalar_t>((h[j] + f * mi) * H[j * n + i]);
+            }
+            H[i * n + i] = static_cast<scalar_t>((h[i] + fii * mi) * hii);
+          }
+          dA_dot_A = a * trace_dA + inner;
+          for (int64_t ci = 0; ci < c; ++ci)
+            for (int64_t j = 0; j < n; ++j) GW[ci * n + j] *= static_cast<scalar_t>(q[j]);
+          gemm<scalar_t>(false, false, c, n, n, 1, W, n, H, n, 1, GW, n);  // dA W = dY W diag(q) + W E
+          gemm<scalar_t>(false, false, c, n, n, 1, GW, n, slot, n, 0, R, n);  // dA Xc / sqrt(N tr)
+          pp = R;
+          dscale = std::sqrt(n * tr_b);
+        } else {
+          const scalar_t* V = slot;
+          const scalar_t* l = slot + c * c;
+          scalar_t* Q = work1.data();
+          scalar_t* M = work2.data();
+          scalar_t* R1 = work3.data();
+          scalar_t* R2 = work4.data();
+          // V Xc: applies dA without forming it, and refines recomputed eigenvalues as the forward did.
+          const bool project = via_eigenbasis || !saved;
+          if (!saved) eigh[0](A.const_data_ptr<scalar_t>() + b * c * c, std::isfinite(tr_b), own);
+          if (project) gemm<scalar_t>(false, false, c, n, c, 1, V, c, xcp, n, 0, R2, n);  // U^T Xc
+          if (!saved) rayleigh_eigenvalues<scalar_t>(R2, c, n, tr_b, recovered_shift(), own + c * c);
+
+          gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
+          gemm<scalar_t>(false, false, c, c, c, 1, V, c, Q, c, 0, M, c);  // U^T dY U
+
+          scalar_t* ys = traj.data();
+          scalar_t* zs = ys + iters * c;
+          scalar_t* ts = zs + iters * c;
+          trajectories<scalar_t>(l, c, iters, ys, zs, ts, p.data());
+          for (int64_t i = 0; i < c; ++i) {
+            divided_differences<scalar_t>(i, c, iters, ys, zs, ts, ddy.data(), ddz.data());
+            for (int64_t j = 0; j < i; ++j) {
+              M[i * c + j] *= ddy[j];
+              M[j * c + i] *= ddy[j];
+            }
+            M[i * c + i] *= ddy[i];
+            dA_dot_A += static_cast<double>(M[i * c + i]) * l[i];
+          }
+
+          if (via_eigenbasis) {
+            gemm<scalar_t>(false, false, c, n, c, 1, M, c, R2, n, 0, R1, n);
+            gemm<scalar_t>(true, false, c, n, c, 1, V, c, R1, n, 0, R2, n);  // dA Xc
+            pp = R2;
+          } else {
+            gemm<scalar_t>(false, false, c, c, c, 1, M, c, V, c, 0, Q, c);
+            gemm<scalar_t>(true, false, c, c, c, 1, V, c, Q, c, 0, dy, c);  // dA
+            gemm<scalar_t>(false, false, c, n, c, 1, dy, c, xcp, n, 0, R1, n);
+            pp = R1;
+          }
         }
         const double coef = dA_dot_A - 0.5 * grad_out;
 
-        if (via_eigenbasis) {
-          at::mm_out(R1, M, R2);
-          at::mm_out(R2, V.t(), R1);  // dA Xc
-        } else {
-          at::mm_out(Q, M, V);
-          at::mm_out(dY, V.t(), Q);  // dA
-          at::mm_out(R1, dY, xc);
-        }
-        const Tensor& P = via_eigenbasis ? R2 : R1;
-
-        const scalar_t s2 = static_cast<scalar_t>(2.0 / (n * tr_b)), s2coef = static_cast<scalar_t>(coef) * s2;
-        const scalar_t* pp = P.const_data_ptr<scalar_t>();
-        const scalar_t* xcp = xc.const_data_ptr<scalar_t>();
+        const scalar_t s2coef = static_cast<scalar_t>(coef) * static_cast<scalar_t>(2.0 / (n * tr_b));
+        const scalar_t s2p = static_cast<scalar_t>(2.0 * dscale / (n * tr_b));
         const scalar_t* xb = x.const_data_ptr<scalar_t>() + b * x.stride(0);
         scalar_t* dxb = dx.mutable_data_ptr<scalar_t>() + b * dx.stride(0);
         const scalar_t* wb = w ? w + b * w_sb : nullptr;
         if (wb) std::fill(dw_acc.begin(), dw_acc.end(), 0.0);
+        scalar_t* dxw = dxw_row.data();
         for (int64_t ci = 0; ci < c; ++ci) {
+          const scalar_t* prow = pp + ci * n;
+          const scalar_t* crow = xcp + ci * n;
+          for (int64_t ni = 0; ni < n; ++ni) dxw[ni] = s2p * prow[ni] - s2coef * crow[ni];
           // The centring's own backward, docs/math.md (14): subtract the row mean of dXc. It is zero in exact
           // arithmetic (Xc 1 = 0) but not in floating point when the features' mean is large against their
           // spread, where leaving it out costs digits that autograd through the reference keeps.
-          double row_sum = 0;
-          for (int64_t ni = 0; ni < n; ++ni) row_sum += s2 * pp[ci * n + ni] - s2coef * xcp[ci * n + ni];
-          const scalar_t row_mean = static_cast<scalar_t>(row_sum / n);
-          for (int64_t ni = 0; ni < n; ++ni) {
-            const scalar_t dxw = s2 * pp[ci * n + ni] - s2coef * xcp[ci * n + ni] - row_mean;
-            scalar_t* dst = dxb + ci * dx.stride(1) + ni * dx.stride(2);
+          const scalar_t row_mean = static_cast<scalar_t>(sum_as_double(dxw, n) / n);
+          for (int64_t ni = 0; ni < n; ++ni) dxw[ni] -= row_mean;
+          scalar_t* drow = dxb + ci * ds1;
+          const scalar_t* xrow = xb + ci * xs1;
+          if (ds2 == 1 && xs2 == 1 && w_sn == 1) {  // contiguous rows: loops the compiler vectorises
             if (wb) {
-              *dst = dxw * wb[ni * w_sn];
-              dw_acc[ni] += static_cast<double>(dxw) * xb[ci * x.stride(1) + ni * x.stride(2)];
+              for (int64_t ni = 0; ni < n; ++ni) drow[ni] = dxw[ni] * wb[ni];
+              for (int64_t ni = 0; ni < n; ++ni) dw_acc[ni] += static_cast<double>(dxw[ni]) * xrow[ni];
             } else {
-              *dst = dxw;
+              std::copy(dxw, dxw + n, drow);
+            }
+          } else {
+            for (int64_t ni = 0; ni < n; ++ni) {
+              if (wb) {
+                drow[ni * ds2] = dxw[ni] * wb[ni * w_sn];
+                dw_acc[ni] += static_cast<double>(dxw[ni]) * xrow[ni * xs2];
+              } else {
+                drow[ni * ds2] = dxw[ni];
+              }
             }
           }
         }
         if (wb) {
           scalar_t* dwb = dw.mutable_data_ptr<scalar_t>() + b * dw.stride(0);
-          for (int64_t ni = 0; ni < n; ++ni) dwb[ni * dw.stride(1)] = static_cast<scalar_t>(dw_acc[ni]);
+          const int64_t dws = dw.stride(1);
+          for (int64_t ni = 0; ni < n; ++ni) dwb[ni * dws] = static_cast<scalar_t>(dw_acc[ni]);
         }
       }
     });

@@ -7,7 +7,9 @@ threeg_kernels/_registration.py) and exposes the backend to the dispatch. docs/e
 switches and measurements.
 
 Saved state ("iterates", keep_iterates=True), per device:
-    CPU  (spectral route): per sample the eigenvectors V = U^T and eigenvalues of A, (B, C (C + 1));
+    CPU, C x C spectral route: per sample the eigenvectors V = U^T and eigenvalues of A, (B, C (C + 1));
+    CPU, Gram route (gram_route(C, N)): per sample the eigenvectors and eigenvalues of the N x N Gram
+                           matrix, (B, N (N + 1)) (docs/math.md (24)-(29));
     CUDA (iteration):      (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, (K - 1, 3, B, C, C) as in the torch backend.
 """
 
@@ -27,9 +29,22 @@ if importlib.util.find_spec("threeg_kernels._C") is None:
     )
 from .. import _C
 
+
+def gram_route(c, n) -> bool:
+    """Whether the CPU kernels take the Gram route for C channels and N positions: N <= 15/16 C, the
+    measured crossover (docs/ext.md, "Routes"). csrc/cpu/cov_pool_ext.cpp (gram_route) decides with the same
+    rule; written with integer products so that symbolic sizes under torch.compile give a guard, not an error."""
+    return 16 * n <= 15 * c
+
+
+def _cpu_iterates_shape(b, c, n, iters):
+    k = n if gram_route(c, n) else c
+    return (b, k * (k + 1))
+
+
 ITERATES_SHAPE = {
-    "cpu": lambda b, c, iters: (b, c * (c + 1)),
-    "cuda": lambda b, c, iters: (iters - 1, 3, b, c, c),
+    "cpu": _cpu_iterates_shape,
+    "cuda": lambda b, c, n, iters: (iters - 1, 3, b, c, c),
 }
 
 register_pool_op(

@@ -160,7 +160,7 @@ def _backward(grad, x, weight, out, A, tr, iterates, iters, order):
     return dxw * weight.unsqueeze(1), (dxw * x).sum(1)
 
 
-register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, _iterates_shape)
+register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, lambda b, c, n, iters: _iterates_shape(b, c, iters))
 
 
 def pool(x, weight, iters, eps, order, precision, keep_iterates):

@@ -48,7 +48,7 @@ def config_for(x, weight, iters, precision):
     return tuning.config_for(x, weight, iters, precision)
 
 
-def _iterates_shape(b: int, c: int, iters: int) -> tuple[int, ...]:
+def _iterates_shape(b: int, c: int, n: int, iters: int) -> tuple[int, ...]:
     return (iters - 1, 3, b, c, c)
 
 
