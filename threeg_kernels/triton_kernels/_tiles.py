@@ -134,11 +134,11 @@ def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -
     Under the interpreter every (program x reduction step) costs ~4 ms whatever its size, so the tiles
     cover the whole of a small problem. On a GPU: 64-wide output tiles (C = 256 gives 4 x 4 tiles, 10 of
     them computed for a symmetric result), 16-deep reduction steps, 8 warps, 3 stages (2 in "ieee");
-    float64 uses 32-wide tiles, 4 warps and no pipelining. Chosen without a GPU by what the sm_90
+    float64 uses 32-wide tiles, 8 warps and no pipelining. Chosen without a GPU by what the sm_90
     compiler reports for the specialised kernels a launch compiles (`python -m tests.triton_compile_check
     --candidates`, docs/triton.md): they spill no registers in any precision mode, with Triton 3.8 and
     3.6; 3 stages spill 8 B in "ieee" (3.8), 2 stages 20-36 B in float64, 4 warps 0.3-1.4 KB in the
-    backward iteration.
+    backward iteration and, in float64 with the 64-bit sample offsets, 16 B in ns_step_kernel (3.6).
     """
     if dtype == torch.float64:
         precision = "ieee"
@@ -148,7 +148,7 @@ def launch_config(c: int, n: int, dtype: torch.dtype, precision: str = "ieee") -
     cap_c = max(16, triton.next_power_of_2(c))
     cap_n = max(16, triton.next_power_of_2(n))
     if dtype == torch.float64:
-        return LaunchConfig(min(32, cap_c), 16, min(32, cap_n), 4, 1, precision, False)
+        return LaunchConfig(min(32, cap_c), 16, min(32, cap_n), 8, 1, precision, False)
     block = min(64, cap_c)
     stages = 2 if precision == "ieee" else 3
     return LaunchConfig(block, 16, min(32, cap_n), 8 if block >= 64 else 4, stages, precision, False)
