@@ -198,7 +198,8 @@ def test_kernels_compile_for_sm90(version):
     assert summary.group(1) == expected, summary.group(0)
     assert int(summary.group(2)) >= 100 and summary.group(3) == "0" and summary.group(4) == "0", summary.group(0)
     # specialised as a launch: unit strides are constants, aligned pointers and sizes carry divisibility
-    assert re.search(r"^ok .*covariance_forward_kernel \{'s_xn': 1, .*divisible_by_16=\['x_ptr', .*'C'", out, re.M)
+    specialised = r"^ok .*covariance_forward_kernel \*fp32 \{'s_xn': 1, .*divisible_by_16=\['x_ptr', .*'C'"
+    assert re.search(specialised, out, re.M)
     assert re.search(r"^ok .*ns_step_kernel \*fp64 ", out, re.M), "no float64 variant"
 
 
