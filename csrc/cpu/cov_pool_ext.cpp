@@ -29,6 +29,7 @@
 // on the C x C route and no C x C eigenvector on the Gram route; the covariance, trace, normalisation, centring
 // and the triangle pack/scatter are fused loops around the products.
 #include "../cov_pool_ext.h"
+#include "small_eigh.h"
 
 #include <ATen/Config.h>
 #include <ATen/Dispatch.h>
@@ -156,41 +157,66 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   }
 }
 
-// The eigendecomposition of one symmetric n x n matrix `a` (row-major; only its lower triangle is read) into
-// slot = [V row-major (n x n, row i the i-th eigenvector), eigenvalues (n)]. A sample with a non-finite trace
-// (NaN/Inf inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once per thread.
+// SmallEigh (small_eigh.h) compiled once per instruction set, the CPU's own picked at load time: its loops
+// vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define THREEG_PER_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define THREEG_PER_ISA
+#endif
+THREEG_PER_ISA bool small_eigh(SmallEigh<float>& e, const float* a, float* v, float* l) { return e(a, v, l); }
+THREEG_PER_ISA bool small_eigh(SmallEigh<double>& e, const double* a, double* v, double* l) { return e(a, v, l); }
+
+// SmallEigh up to this size, syevd above (docs/ext.md, "Eigensolver": the crossover measured on one core).
+template <typename scalar_t>
+constexpr int64_t kSmallEighMax = std::is_same<scalar_t, float>::value ? 160 : 128;
+
+// The eigendecomposition of one symmetric n x n matrix `a` (row-major, both triangles) into slot = [V row-major
+// (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax, LAPACK's
+// syevd above it and wherever the QL iteration does not converge. A sample with a non-finite trace (NaN/Inf
+// inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once per thread, when needed.
 template <typename scalar_t>
 class Eigh {
  public:
   explicit Eigh(int64_t n) : n_(n) {
-#if AT_BUILD_WITH_LAPACK()
-    scalar_t work_size = 0, a = 0, l = 0;
-    int iwork_size = 0, info = 0;
-    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, &a, n, &l, &work_size, -1, nullptr, 0, &iwork_size, -1,
-                                                &info);
-    work_.resize(std::max<int64_t>(1, static_cast<int64_t>(work_size)));
-    iwork_.resize(std::max(1, iwork_size));
-#endif
+    if (n <= kSmallEighMax<scalar_t>) small_.emplace_back(n);
   }
 
   void operator()(const scalar_t* a, bool finite, scalar_t* slot) {
     const int64_t nn = n_ * n_;
-    int info = finite ? 0 : -1;
-    if (finite) {
-#if AT_BUILD_WITH_LAPACK()
-      std::copy(a, a + nn, slot);  // symmetric: row-major reads as column-major
-      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n_, slot, n_, slot + nn, work_.data(),
-                                                  static_cast<int>(work_.size()), nullptr, 0, iwork_.data(),
-                                                  static_cast<int>(iwork_.size()), &info);
-#else
-      TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK; use backend='torch'");
-#endif
-    }
-    if (info != 0) std::fill(slot, slot + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
+    bool ok = false;
+    if (finite && !small_.empty()) ok = small_eigh(small_[0], a, slot, slot + nn);
+    if (finite && !ok) ok = lapack(a, slot);
+    if (!ok) std::fill(slot, slot + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
   }
 
  private:
+  bool lapack(const scalar_t* a, scalar_t* slot) {
+#if AT_BUILD_WITH_LAPACK()
+    const int n = static_cast<int>(n_);
+    int info = 0;
+    if (work_.empty()) {
+      scalar_t work_size = 0, a0 = 0, l0 = 0;
+      int iwork_size = 0;
+      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, &a0, n, &l0, &work_size, -1, nullptr, 0, &iwork_size,
+                                                  -1, &info);
+      work_.resize(std::max<int64_t>(1, static_cast<int64_t>(work_size)));
+      iwork_.resize(std::max(1, iwork_size));
+    }
+    std::copy(a, a + n_ * n_, slot);  // symmetric: row-major reads as column-major
+    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, slot, n, slot + n_ * n_, work_.data(),
+                                                static_cast<int>(work_.size()), nullptr, 0, iwork_.data(),
+                                                static_cast<int>(iwork_.size()), &info);
+    return info == 0;
+#else
+    TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK for C or N above ",
+                kSmallEighMax<scalar_t>, "; use backend='torch'");
+    return false;
+#endif
+  }
+
   int64_t n_;
+  std::vector<SmallEigh<scalar_t>> small_;  // empty above kSmallEighMax
   std::vector<scalar_t> work_;
   std::vector<int> iwork_;
 };
