@@ -5,9 +5,12 @@
 // FRAGMENT, not TORCH_LIBRARY: the Python backends define ops in the same `threeg` namespace.
 //
 // This file is also the Python module `threeg_kernels._C`: importing it loads the library (and with it
-// the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in.
+// the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in, `_C.small_eigh_max()`
+// up to which size the CPU kernels use their own eigensolver.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "cov_pool_ext.h"
 
 TORCH_LIBRARY_FRAGMENT(threeg, m) {
   m.def(
@@ -28,8 +31,15 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* small_eigh_max(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:L,s:L}", "float32", static_cast<long long>(threeg::small_eigh_max(false)), "float64",
+                       static_cast<long long>(threeg::small_eigh_max(true)));
+}
+
 PyMethodDef methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "True if the CUDA kernels of the ext backend were compiled in."},
+    {"small_eigh_max", small_eigh_max, METH_NOARGS,
+     "{dtype name: n}: the CPU kernels eigendecompose n x n matrices up to n with their own solver, above with syevd."},
     {nullptr, nullptr, 0, nullptr},
 };
 

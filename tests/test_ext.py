@@ -57,6 +57,61 @@ def test_repeated_eigenvalues_match_reference(device, dtype):
     assert_close_to_reference("ext", x, w, g, iters=5)
 
 
+# --- the CPU eigensolver: Householder + implicit QL up to _C.small_eigh_max(), LAPACK's syevd above ----------
+
+
+def _small_eigh_max():
+    from threeg_kernels import _C
+
+    return _C.small_eigh_max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("side", [0, 1], ids=["own-solver", "syevd"])
+def test_eigensolver_either_side_of_its_crossover(dtype, side):
+    """The largest C the own solver takes and the smallest syevd takes (C x C route, N > C)."""
+    c = _small_eigh_max()[str(dtype).removeprefix("torch.")] + side
+    x, w, g = make_case(2, c, c + 9, weighted=True, dtype=dtype, seed=c)
+    assert not _ext_impl.gram_route(c, c + 9)
+    assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+def test_eigensolver_sizes_are_reported():
+    sizes = _small_eigh_max()
+    assert set(sizes) == {"float32", "float64"} and all(isinstance(v, int) and v >= 64 for v in sizes.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c, n", [(64, 62), (128, 124), (17, 16)])
+def test_cxc_route_rank_deficient(dtype, c, n):
+    """15/16 C < N <= C stays on the C x C route with rank N - 1: eps / tr is an eigenvalue C - N + 1 times, its
+    eigenvectors any basis of that space (the QL iteration and syevd pick different ones)."""
+    assert not _ext_impl.gram_route(c, n)
+    x, w, g = make_case(2, c, n, weighted=True, dtype=dtype, seed=n)
+    assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", ["distinct", "equal"])
+def test_cxc_route_diagonal_covariance(dtype, spread):
+    """Orthogonal channels: A is diagonal, so every Householder step finds its column already reduced; with equal
+    norms A is a multiple of I, one eigenvalue C times."""
+    c, n = 24, 40
+    gen = torch.Generator().manual_seed(11)
+    q = torch.linalg.qr(torch.randn(n, c, generator=gen, dtype=torch.float64)).Q.T  # orthonormal rows
+    q = q @ (torch.eye(n, dtype=torch.float64) - 1.0 / n)  # centred rows, still orthogonal to each other
+    q = torch.linalg.qr(q.T).Q.T  # re-orthonormalised within the centred subspace
+    scales = torch.linspace(1, 3, c, dtype=torch.float64)
+    if spread == "equal":
+        scales = torch.ones_like(scales)
+    x = torch.stack([scales[:, None] * q, 2 * scales.flip(0)[:, None] * q])
+    cov = x[0] @ x[0].T
+    assert (cov - torch.diag(torch.diagonal(cov))).abs().max() < 1e-12 * cov.abs().max()
+    x = x.to(dtype)
+    g = torch.randn(2, c * (c + 1) // 2, generator=gen, dtype=torch.float64).to(dtype)
+    assert_close_to_reference("ext", x, None, g, iters=5)
+
+
 # --- the two CPU routes: C x C eigendecomposition, or the N x N Gram matrix (docs/math.md (24)-(29)) ------
 
 _ext_impl = None if _MISSING is not None else __import__("threeg_kernels.backends.ext_impl", fromlist=["gram_route"])

@@ -702,6 +702,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
 }
 
 }  // namespace
+
+int64_t small_eigh_max(bool is_double) { return is_double ? kSmallEighMax<double> : kSmallEighMax<float>; }
+
 }  // namespace threeg
 
 TORCH_LIBRARY_IMPL(threeg, CPU, m) {

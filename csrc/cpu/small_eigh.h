@@ -173,8 +173,9 @@ THREEG_EIGH_INLINE bool tridiagonal_ql(T* d, T* e, T* vt, int64_t n, int64_t ld)
           split = true;
           break;
         }
-        s = f / r;
-        c = g / r;
+        const T rinv = T(1) / r;  // one division on the iteration's critical path, not two
+        s = f * rinv;
+        c = g * rinv;
         g = d[i + 1] - p;
         r = (d[i] - g) * s + T(2) * c * b;
         p = s * r;
