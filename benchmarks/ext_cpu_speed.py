@@ -12,14 +12,20 @@ alternative it replaced (docs/ext.md), again interleaved:
   - parallelism over the batch: ext with 1 thread against all threads;
   - keep vs recompute the eigendecomposition for the backward.
 
+With --eigh [C ...], the eigensolver's crossover instead: fwd+bwd of ext at each C (N = C + 36, the C x C route)
+with the kernels' own solver against LAPACK's syevd (THREEG_EXT_EIGH=own / syevd), interleaved, float32 and float64.
+
     python -m benchmarks.ext_cpu_speed [--B 32] [--C 256] [--N 196] [--iters 5] [--rounds 7] [--threads 2] [--tricks]
+    python -m benchmarks.ext_cpu_speed --eigh [32 64 ...] [--B 16] [--rounds 7] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
+import os
 
 import torch
 
@@ -35,6 +41,8 @@ from benchmarks.common import (
     percentiles,
     rel_err,
 )
+
+EIGH_C = [32, 64, 96, 128, 160, 192, 256]
 
 
 def spectral_aten(x, weight, grad, iters, eps=1e-7):
@@ -97,9 +105,24 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tricks", action="store_true", help="also time the alternatives of each trick (docs/ext.md)")
+    p.add_argument(
+        "--eigh",
+        nargs="*",
+        type=int,
+        metavar="C",
+        help=f"the own eigensolver against syevd at these C (default {' '.join(map(str, EIGH_C))}; docs/ext.md)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.eigh is not None:
+        args.eigh = args.eigh or EIGH_C
+        if min(args.eigh) < 1:
+            p.error(f"--eigh: every C must be >= 1; got {args.eigh}")
+        if "ext" not in threeg_kernels.available_backends("cpu"):
+            p.error("--eigh times the ext backend, which is not built here (python -m threeg_kernels says why)")
+        eigh_crossover(args)
+        return
 
     x, weight, grad = make_inputs(args.B, args.C, args.N, torch.float32, "cpu")
     backends = [b for b in ("reference", "torch", "ext") if b in threeg_kernels.available_backends("cpu")]
@@ -113,6 +136,56 @@ def main(argv=None) -> None:
     print(table(interleaved_ms(fns, "cpu", args.rounds)))
     if args.tricks:
         tricks(x, weight, grad, args)
+
+
+@contextlib.contextmanager
+def eigh_solver(name: str):
+    """THREEG_EXT_EIGH=name for the ops started inside (csrc/cpu/cov_pool_ext.cpp reads it per call)."""
+    before = os.environ.get("THREEG_EXT_EIGH")
+    os.environ["THREEG_EXT_EIGH"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["THREEG_EXT_EIGH"]
+        else:
+            os.environ["THREEG_EXT_EIGH"] = before
+
+
+def eigh_crossover(args) -> None:
+    from threeg_kernels import _C
+
+    print(
+        f"ext fwd+bwd (with weight), own eigensolver vs syevd, B={args.B} N=C+36 K={args.iters}, CPU "
+        f"({device_name('cpu')}), torch {torch.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} interleaved rounds; "
+        f"by size the kernels take their own solver up to {_C.small_eigh_max()}\n"
+    )
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        for c in args.eigh:
+            x, weight, grad = make_inputs(args.B, c, c + 36, dtype, "cpu")
+
+            def run(solver, x=x, weight=weight, grad=grad):
+                with eigh_solver(solver):
+                    return fwd_bwd("ext", x, weight, grad, args.iters)
+
+            fns = {s: functools.partial(run, s) for s in ("own", "syevd")}
+            got, want = fns["own"](), fns["syevd"]()
+            agree = max(rel_err(g, w) for g, w in zip(got, want) if w is not None)
+            med = {name: percentiles(v)[1] for name, v in interleaved_ms(fns, "cpu", args.rounds).items()}
+            rows.append(
+                [
+                    str(dtype).removeprefix("torch."),
+                    str(c),
+                    f"{med['own']:.2f}",
+                    f"{med['syevd']:.2f}",
+                    f"{med['syevd'] / med['own']:.2f}x",
+                    f"{agree:.1e}",
+                ]
+            )
+    head = ["dtype", "C", "own ms p50", "syevd ms p50", "syevd / own", "max rel diff"]
+    print(markdown_table(head, rows))
 
 
 def tricks(x, weight, grad, args) -> None:

@@ -565,7 +565,13 @@ def write_regimes_plot(records: list[dict], path) -> None:
             ax.set_xlabel("C x N")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"cov_pool regimes on {records[0]['device_name']} (torch {records[0]['torch_version']})", fontsize=10)
+    _save_figure(fig, path, f"cov_pool regimes on {records[0]['device_name']} (torch {records[0]['torch_version']})")
+
+
+def _save_figure(fig, path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -615,11 +621,7 @@ def write_plot(records: list[dict], path) -> None:
             ax.set_ylabel("ms (p50)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"cov_pool on {records[0]['device_name']} (torch {records[0]['torch_version']})", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, f"cov_pool on {records[0]['device_name']} (torch {records[0]['torch_version']})")
 
 
 def _marker(record: dict) -> str:

@@ -117,6 +117,17 @@ def run_pool(backend, x, weight, grad, **kw):
     return (out, *grads, *([None] if weight is None else []))
 
 
+def eager_and_compiled(fn: Callable, compiled: Callable, x: torch.Tensor, weight: torch.Tensor) -> list[tuple]:
+    """(y, dx, dweight) of fn and of its compiled form, each on fresh leaf copies, y.backward(ones)."""
+    outs = []
+    for f in (fn, compiled):
+        xl, wl = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = f(xl, wl)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xl.grad, wl.grad))
+    return outs
+
+
 def assert_close_to_reference(backend, x, weight, grad, rtol=None, **kw):
     got = run_pool(backend, x, weight, grad, **kw)
     want = run_pool("reference", x, weight, grad, **kw)

@@ -463,3 +463,30 @@ def test_upstream_options_say_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--upstream-mpncov", str(broken)])
     assert "src/representation/MPNCOV.py" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("ext" not in threeg_kernels.available_backends("cpu"), reason="the ext backend is not built")
+def test_ext_eigensolver_crossover_table(capsys, monkeypatch):
+    """benchmarks.ext_cpu_speed --eigh: a row per dtype and C, both solvers timed, their results agreeing; the
+    switch it sets is restored afterwards."""
+    from benchmarks import ext_cpu_speed
+
+    monkeypatch.setenv("THREEG_EXT_EIGH", "auto")
+    ext_cpu_speed.main(["--eigh", "6", "9", "--B", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| float")]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| float32", "6"],
+        ["| float32", "9"],
+        ["| float64", "6"],
+        ["| float64", "9"],
+    ]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0
+        assert float(cells[5]) < (1e-4 if cells[0] == "float32" else 1e-12), r
+    import os
+
+    assert os.environ["THREEG_EXT_EIGH"] == "auto"
+    with pytest.raises(SystemExit):
+        ext_cpu_speed.main(["--eigh", "0"])

@@ -16,7 +16,16 @@ import torch
 import threeg_kernels
 from threeg_kernels import dispatch
 
-from .helpers import RTOL, assert_close_to_reference, devices_for, make_case, pool_ops, rel_err, run_pool
+from .helpers import (
+    RTOL,
+    assert_close_to_reference,
+    devices_for,
+    eager_and_compiled,
+    make_case,
+    pool_ops,
+    rel_err,
+    run_pool,
+)
 
 _MISSING = dispatch.unavailable_reason("ext", "cpu")
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"extension threeg_kernels._C not built: {_MISSING}")
@@ -74,6 +83,24 @@ def test_eigensolver_either_side_of_its_crossover(dtype, side):
     x, w, g = make_case(2, c, c + 9, weighted=True, dtype=dtype, seed=c)
     assert not _ext_impl.gram_route(c, c + 9)
     assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+@pytest.mark.parametrize("solver", ["own", "syevd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 200, 236), (2, 24, 60), (2, 64, 62), (2, 200, 49)], ids=str)
+def test_either_eigensolver_at_any_size(monkeypatch, solver, dtype, shape):
+    """THREEG_EXT_EIGH forces one solver at every size: the own one above its crossover (C = 200), syevd below it;
+    the C x C route (full rank and rank C - 3) and the Gram route (N x N)."""
+    monkeypatch.setenv("THREEG_EXT_EIGH", solver)
+    x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
+    assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+def test_eigensolver_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("THREEG_EXT_EIGH", "jacobi")
+    x, w, g = make_case(2, 8, 12, weighted=False, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got 'jacobi'"):
+        run_pool("ext", x, None, g, iters=5)
 
 
 def test_eigensolver_sizes_are_reported():
@@ -223,13 +250,7 @@ def test_compile_dynamic_across_the_crossover():
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     for n in (5, 12, 13):  # C = 8: the Gram route, then C x C twice
         x, w, _ = make_case(2, 8, n, weighted=True, dtype=torch.float64, seed=n)
-        outs = []
-        for f in (fn, compiled):
-            xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-            y = f(xl, wl)
-            y.backward(torch.ones_like(y))
-            outs.append((y, xl.grad, wl.grad))
-        for a, b in zip(*outs):
+        for a, b in zip(*eager_and_compiled(fn, compiled, x, w)):
             assert rel_err(a, b) <= 1e-12, n
 
 

@@ -3,10 +3,10 @@
 // Two exact routes to the same function, the K-step polynomial p of A (docs/math.md (15)-(16)), chosen per shape
 // by gram_route() (docs/ext.md, "Routes"):
 //
-// The C x C spectral route, docs/math.md (15)-(20): one symmetric eigendecomposition A = U L U^T (LAPACK syevd)
+// The C x C spectral route, docs/math.md (15)-(20): one symmetric eigendecomposition A = U L U^T (class Eigh)
 // gives the K-step result Y_K = U p(L) U^T (15)-(16) and the exact gradient of the unrolled iteration (17), its
 // divided differences computed by the pair recursion (18) without cancellation.
-//   forward:  Xc (1); P = Xc Xc^T, tr and A (1)-(2); syevd of A; eigenvalues refined through R = V Xc (20);
+//   forward:  Xc (1); P = Xc Xc^T, tr and A (1)-(2); Eigh of A; eigenvalues refined through R = V Xc (20);
 //             p(L) (16); Y = V^T (p(L) V); out = sqrt(tr) Y packed in order (6)-(8)
 //   backward: dY_K (9) and <grad, out>; M = D o (V dY V^T) (17)-(18); <dA, A> and dA Xc (19) (dA formed first
 //             when N > C); c and dX_w (13)-(14); dX, dw (14)
@@ -17,7 +17,7 @@
 // eigendecomposition; with W = B V^T (C x N), p(A) = p(a) I + W diag(q) W^T (25) and the gradient (27)-(28)
 // needs no C x C eigenvectors and no 1/m: its coefficients are higher divided differences of p from the
 // Leibniz rule on the recursion (26).
-//   forward:  Xc, P = Xc Xc^T, tr and A as above; M = Xc^T Xc / (N tr); syevd of M; W = Xc V^T / sqrt(N tr),
+//   forward:  Xc, P = Xc Xc^T, tr and A as above; M = Xc^T Xc / (N tr); Eigh of M; W = Xc V^T / sqrt(N tr),
 //             m refined as |W_i|^2 (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
 //   backward: dY_K (9); GW = dY W, H = W^T GW; q, h, F (26); E of (28) in place of H; <dA, A> (29);
 //             dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
@@ -59,6 +59,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -167,19 +169,34 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
 THREEG_PER_ISA bool small_eigh(SmallEigh<float>& e, const float* a, float* v, float* l) { return e(a, v, l); }
 THREEG_PER_ISA bool small_eigh(SmallEigh<double>& e, const double* a, double* v, double* l) { return e(a, v, l); }
 
-// SmallEigh up to this size, syevd above (docs/ext.md, "Eigensolver": the crossover measured on one core).
+// SmallEigh up to this size, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core, 1.12x / 1.04x faster
+// at 128 in float32 / float64, 0.98x / 0.96x at 160).
 template <typename scalar_t>
-constexpr int64_t kSmallEighMax = std::is_same<scalar_t, float>::value ? 160 : 128;
+constexpr int64_t kSmallEighMax = 128;
 
 // The eigendecomposition of one symmetric n x n matrix `a` (row-major, both triangles) into slot = [V row-major
 // (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax, LAPACK's
 // syevd above it and wherever the QL iteration does not converge. A sample with a non-finite trace (NaN/Inf
 // inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once per thread, when needed.
+// THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
+// by size. Read when an op starts, so a process can compare the two (benchmarks/ext_cpu_speed.py --eigh).
+enum class EighChoice { kAuto, kOwn, kSyevd };
+inline EighChoice eigh_choice() {
+  const char* v = std::getenv("THREEG_EXT_EIGH");
+  const std::string s = v == nullptr ? "" : v;
+  if (s.empty() || s == "auto") return EighChoice::kAuto;
+  if (s == "own") return EighChoice::kOwn;
+  if (s == "syevd") return EighChoice::kSyevd;
+  TORCH_CHECK(false, "THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got '", s, "'");
+  return EighChoice::kAuto;
+}
+
 template <typename scalar_t>
 class Eigh {
  public:
-  explicit Eigh(int64_t n) : n_(n) {
-    if (n <= kSmallEighMax<scalar_t>) small_.emplace_back(n);
+  Eigh(int64_t n, EighChoice choice) : n_(n) {
+    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax<scalar_t>);
+    if (own) small_.emplace_back(n);
   }
 
   void operator()(const scalar_t* a, bool finite, scalar_t* slot) {
@@ -243,7 +260,7 @@ void trajectories(const scalar_t* l, int64_t c, int64_t iters, scalar_t* ys, sca
 }
 
 // The eigenvalues of A as Rayleigh quotients through the features, docs/math.md (20), with R = V Xc and
-// `shift` = eps / tr: syevd's own eigenvalues are too coarse at eps / tr, where p amplifies their error by
+// `shift` = eps / tr: the eigensolvers' own eigenvalues are too coarse at eps / tr, where p amplifies their error by
 // 1.5^K. The squared form is >= eps / tr and brings float32 back to the iteration's accuracy.
 template <typename scalar_t>
 void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, double shift, scalar_t* l) {
@@ -421,6 +438,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   Tensor iterates = keep_iterates ? at::empty({b_n, slot_n}, x.options()) : at::empty({0}, x.options());
   if (b_n == 0) return {out, A, tr, iterates};
 
+  const EighChoice choice = eigh_choice();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_forward", [&] {
     const scalar_t* w = weighted ? weight->const_data_ptr<scalar_t>() : nullptr;
     const int64_t w_sb = weighted ? weight->stride(0) : 0, w_sn = weighted ? weight->stride(1) : 0;
@@ -438,7 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       std::vector<scalar_t> p(c);
       std::vector<double> norms(n);
       GramRecursion recursion;
-      Eigh<scalar_t> eigh(k);
+      Eigh<scalar_t> eigh(k, choice);
       for (int64_t b = next++; b < b_n; b = next++) {
         centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
         scalar_t* P = prod.data();
@@ -519,6 +537,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
   // 2 C^3 + C^2 N).
   const bool via_eigenbasis = n <= c;
 
+  const EighChoice choice = eigh_choice();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_backward", [&] {
     const scalar_t* w = weighted ? weight->const_data_ptr<scalar_t>() : nullptr;
     const int64_t w_sb = weighted ? weight->stride(0) : 0, w_sn = weighted ? weight->stride(1) : 0;
@@ -539,13 +558,13 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
       std::vector<double> dw_acc(n), norms(gram ? n : 0), frow(gram ? n : 0), fscratch(gram ? n : 0);
       GramRecursion recursion;
       std::vector<Eigh<scalar_t>> eigh;  // only to recompute
-      if (!saved) eigh.emplace_back(gram ? n : c);
+      if (!saved) eigh.emplace_back(gram ? n : c, choice);
       for (int64_t b = next++; b < b_n; b = next++) {
         const double tr_b = tr_p[b];
         centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
         const scalar_t* xcp = xc.data();
         // eps / tr from trace(A) = 1 = |Xc|^2 / (N tr) + C eps / tr (the backward has no eps): its error,
-        // ~ eps_mach / C from the rounding of tr, is far below syevd's on the C x C route; on the Gram route the
+        // ~ eps_mach / C from the rounding of tr, is far below the eigensolver's on the C x C route; on the Gram route the
         // backward reads a only through the derivatives p'(a), h and F, which it barely moves.
         auto recovered_shift = [&] {
           return std::max(0.0, (1.0 - sum_as_double<true>(xcp, c * n) / (n * tr_b)) / c);
