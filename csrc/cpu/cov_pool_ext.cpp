@@ -160,8 +160,10 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
 }
 
 // SmallEigh (small_eigh.h) compiled once per instruction set, the CPU's own picked at load time: its loops
-// vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise. The arch=x86-64-vN clones need GCC 12 and
+// glibc's ifunc; other compilers and C libraries build the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
+    defined(__GLIBC__)
 #define THREEG_PER_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define THREEG_PER_ISA
@@ -226,8 +228,9 @@ class Eigh {
                                                 static_cast<int>(iwork_.size()), &info);
     return info == 0;
 #else
-    TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK for C or N above ",
-                kSmallEighMax<scalar_t>, "; use backend='torch'");
+    TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK for an eigendecomposition of size ",
+                n_, " (above ", kSmallEighMax<scalar_t>, ", THREEG_EXT_EIGH=syevd, or where the QL iteration did not "
+                "converge); use backend='torch'");
     return false;
 #endif
   }

@@ -8,7 +8,7 @@
 //
 // Storage: `a` row-major n x n, both triangles, read only; `v` (n x n, row-major) receives the eigenvectors as
 // rows, `l` (n) the eigenvalues in ascending order, as syevd gives them. Returns false when the QL iteration has
-// not converged after 30 n sweeps (or the input was not finite); `v` and `l` are then undefined.
+// not converged after 30 sweeps for one eigenvalue (or the input was not finite); `v` and `l` are then undefined.
 #pragma once
 
 #include <algorithm>
@@ -156,7 +156,7 @@ THREEG_EIGH_INLINE bool tridiagonal_ql(T* d, T* e, T* vt, int64_t n, int64_t ld)
         if (std::abs(e[m]) <= ulp * dd) break;
       }
       if (m == l) break;
-      if (sweep >= 30 * n) return false;
+      if (sweep >= 30) return false;  // 30 sweeps for one eigenvalue (EISPACK's limit); the caller falls back
       // Shift: the eigenvalue of T's leading 2 x 2 block at l nearer d[l]; g = d[m] - shift
       T g = (d[l + 1] - d[l]) / (T(2) * e[l]);
       T r = std::sqrt(g * g + T(1));
