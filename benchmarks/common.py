@@ -166,10 +166,10 @@ def device_name(device: torch.device) -> str:
 
 def add_shape_args(parser) -> None:
     """--B --C --N --iters with the real head's defaults (B=32, C=256, N=14*14, K=5)."""
-    parser.add_argument("--B", type=int, default=32)
-    parser.add_argument("--C", type=int, default=256)
-    parser.add_argument("--N", type=int, default=196)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--B", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--C", type=int, default=256, help="channels (default 256)")
+    parser.add_argument("--N", type=int, default=196, help="spatial positions H*W (default 196)")
+    parser.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps K (default 5)")
 
 
 def make_inputs(b, c, n, dtype, device, seed=0):

@@ -16,7 +16,8 @@ With --eigh [C ...], the eigensolver's crossover instead: fwd+bwd of ext at each
 with the kernels' own solver against LAPACK's syevd (THREEG_EXT_EIGH=own / syevd), interleaved, float32 and float64.
 
     python -m benchmarks.ext_cpu_speed [--B 32] [--C 256] [--N 196] [--iters 5] [--rounds 7] [--threads 2] [--tricks]
-    python -m benchmarks.ext_cpu_speed --eigh [32 64 ...] [--B 16] [--rounds 7] [--threads 1]
+    python -m benchmarks.ext_cpu_speed --eigh [32 64 ...] [--B 32] [--iters 5] [--rounds 7] [--threads 1]
+(--eigh sets C and N itself: --C and --N do not apply, --tricks is refused.)
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def table(samples: dict, baselines=("reference", "torch")) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(p)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tricks", action="store_true", help="also time the alternatives of each trick (docs/ext.md)")
     p.add_argument(
@@ -110,13 +111,16 @@ def main(argv=None) -> None:
         nargs="*",
         type=int,
         metavar="C",
-        help=f"the own eigensolver against syevd at these C (default {' '.join(map(str, EIGH_C))}; docs/ext.md)",
+        help=f"the own eigensolver against syevd at these C, N = C + 36 (default {' '.join(map(str, EIGH_C))}; "
+        "--C and --N do not apply; docs/ext.md, 'Eigensolver')",
     )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eigh is not None:
         args.eigh = args.eigh or EIGH_C
+        if args.tricks:
+            p.error("--eigh and --tricks are separate runs: give one of them")
         if min(args.eigh) < 1:
             p.error(f"--eigh: every C must be >= 1; got {args.eigh}")
         if "ext" not in threeg_kernels.available_backends("cpu"):
@@ -159,7 +163,9 @@ def eigh_crossover(args) -> None:
         f"ext fwd+bwd (with weight), own eigensolver vs syevd, B={args.B} N=C+36 K={args.iters}, CPU "
         f"({device_name('cpu')}), torch {torch.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} interleaved rounds; "
-        f"by size the kernels take their own solver up to {_C.small_eigh_max()}\n"
+        "by size the kernels take their own solver up to n = "
+        + ", ".join(f"{n} ({dtype})" for dtype, n in _C.small_eigh_max().items())
+        + "\n"
     )
     rows = []
     for dtype in (torch.float32, torch.float64):

@@ -490,3 +490,6 @@ def test_ext_eigensolver_crossover_table(capsys, monkeypatch):
     assert os.environ["THREEG_EXT_EIGH"] == "auto"
     with pytest.raises(SystemExit):
         ext_cpu_speed.main(["--eigh", "0"])
+    with pytest.raises(SystemExit):
+        ext_cpu_speed.main(["--eigh", "--tricks"])
+    assert "--eigh and --tricks are separate runs" in capsys.readouterr().err
