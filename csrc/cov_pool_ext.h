@@ -22,9 +22,9 @@ inline std::string describe(const at::Tensor& t) {
 
 inline int64_t triangle_size(int64_t c) { return c * (c + 1) / 2; }
 
-// The largest matrix the CPU kernels eigendecompose with their own solver rather than LAPACK's syevd
-// (csrc/cpu/small_eigh.h; docs/ext.md, "Eigensolver").
-int64_t small_eigh_max(bool is_double);
+// The largest matrix the CPU kernels eigendecompose with their own solver rather than LAPACK's syevd, the same
+// for float32 and float64 (csrc/cpu/small_eigh.h; docs/ext.md, "Eigensolver").
+int64_t small_eigh_max();
 
 // x: (B, C, N) float32/float64 with N >= 2; weight: (B, N) of x's dtype and device, or None.
 inline void check_pool_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,

@@ -32,8 +32,8 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 }
 
 PyObject* small_eigh_max(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L}", "float32", static_cast<long long>(threeg::small_eigh_max(false)), "float64",
-                       static_cast<long long>(threeg::small_eigh_max(true)));
+  const long long n = threeg::small_eigh_max();
+  return Py_BuildValue("{s:L,s:L}", "float32", n, "float64", n);
 }
 
 PyMethodDef methods[] = {

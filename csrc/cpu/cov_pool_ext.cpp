@@ -59,10 +59,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <string>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -171,15 +172,10 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
 THREEG_PER_ISA bool small_eigh(SmallEigh<float>& e, const float* a, float* v, float* l) { return e(a, v, l); }
 THREEG_PER_ISA bool small_eigh(SmallEigh<double>& e, const double* a, double* v, double* l) { return e(a, v, l); }
 
-// SmallEigh up to this size, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core, 1.12x / 1.04x faster
-// at 128 in float32 / float64, 0.98x / 0.96x at 160).
-template <typename scalar_t>
+// SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core,
+// 1.12x / 1.04x faster at 128 in float32 / float64, 0.98x / 0.96x at 160).
 constexpr int64_t kSmallEighMax = 128;
 
-// The eigendecomposition of one symmetric n x n matrix `a` (row-major, both triangles) into slot = [V row-major
-// (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax, LAPACK's
-// syevd above it and wherever the QL iteration does not converge. A sample with a non-finite trace (NaN/Inf
-// inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once per thread, when needed.
 // THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
 // by size. Read when an op starts, so a process can compare the two (benchmarks/ext_cpu_speed.py --eigh).
 enum class EighChoice { kAuto, kOwn, kSyevd };
@@ -193,19 +189,26 @@ inline EighChoice eigh_choice() {
   return EighChoice::kAuto;
 }
 
+// The eigendecomposition of one symmetric n x n matrix `a` (row-major, both triangles) into slot = [V row-major
+// (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax (or as
+// `choice` says), LAPACK's syevd above it and wherever the QL iteration does not converge. A sample with a
+// non-finite trace (NaN/Inf inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once
+// per thread, when needed.
 template <typename scalar_t>
 class Eigh {
  public:
   Eigh(int64_t n, EighChoice choice) : n_(n) {
-    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax<scalar_t>);
-    if (own) small_.emplace_back(n);
+    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax);
+    if (own) small_.emplace(n);
   }
 
   void operator()(const scalar_t* a, bool finite, scalar_t* slot) {
     const int64_t nn = n_ * n_;
     bool ok = false;
-    if (finite && !small_.empty()) ok = small_eigh(small_[0], a, slot, slot + nn);
-    if (finite && !ok) ok = lapack(a, slot);
+    if (finite) {
+      ok = small_.has_value() && small_eigh(*small_, a, slot, slot + nn);
+      if (!ok) ok = lapack(a, slot);
+    }
     if (!ok) std::fill(slot, slot + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
   }
 
@@ -229,14 +232,14 @@ class Eigh {
     return info == 0;
 #else
     TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK for an eigendecomposition of size ",
-                n_, " (above ", kSmallEighMax<scalar_t>, ", THREEG_EXT_EIGH=syevd, or where the QL iteration did not "
+                n_, " (above ", kSmallEighMax, ", THREEG_EXT_EIGH=syevd, or where the QL iteration did not "
                 "converge); use backend='torch'");
     return false;
 #endif
   }
 
   int64_t n_;
-  std::vector<SmallEigh<scalar_t>> small_;  // empty above kSmallEighMax
+  std::optional<SmallEigh<scalar_t>> small_;  // the own solver's scratch, when it runs
   std::vector<scalar_t> work_;
   std::vector<int> iwork_;
 };
@@ -567,8 +570,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
         const scalar_t* xcp = xc.data();
         // eps / tr from trace(A) = 1 = |Xc|^2 / (N tr) + C eps / tr (the backward has no eps): its error,
-        // ~ eps_mach / C from the rounding of tr, is far below the eigensolver's on the C x C route; on the Gram route the
-        // backward reads a only through the derivatives p'(a), h and F, which it barely moves.
+        // ~ eps_mach / C from the rounding of tr, is far below the eigensolver's on the C x C route; on the Gram
+        // route the backward reads a only through the derivatives p'(a), h and F, which it barely moves.
         auto recovered_shift = [&] {
           return std::max(0.0, (1.0 - sum_as_double<true>(xcp, c * n) / (n * tr_b)) / c);
         };
@@ -725,7 +728,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
 
 }  // namespace
 
-int64_t small_eigh_max(bool is_double) { return is_double ? kSmallEighMax<double> : kSmallEighMax<float>; }
+int64_t small_eigh_max() { return kSmallEighMax; }
 
 }  // namespace threeg
 
