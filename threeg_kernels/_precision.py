@@ -68,8 +68,12 @@ else:
 def no_autocast(device_type: str):
     """Autocast off, where the device type has autocast. Inside an op body: an op called in an autocast region
     (its backward, too, when loss.backward() runs inside one) would otherwise have its products cast to
-    float16/bfloat16 by autocast, or fail on the mixed dtypes that follow."""
-    if torch.amp.is_autocast_available(device_type):
+    float16/bfloat16 by autocast, or fail on the mixed dtypes that follow. In eager code where autocast is off
+    already, nothing is entered (torch.autocast's own Python costs ~15 us a call); traced code always gets the
+    context, which torch.compile records."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -26,7 +26,10 @@ Every op pair also promises:
                the caller's script made (threeg_kernels/_precision.py; tests/test_backends.py checks both).
 
 This module registers the fake (meta) kernels and the autograd formula for such a pair, so that every
-backend is traced by torch.compile and checked by opcheck in the same way.
+backend is traced by torch.compile and checked by opcheck in the same way, and returns the function the backend
+calls: in eager mode it runs the same formula as a plain torch.autograd.Function around the op's kernel, which
+skips the per-call Python of torch.library's generated autograd wrapper (about a quarter of the fixed cost of a
+fwd+bwd call: docs/ext.md, "Per-call cost"); traced code (torch.compile, torch.export) gets the registered op.
 """
 
 from __future__ import annotations
@@ -83,8 +86,10 @@ def register_pool_op(
     forward_op,
     backward_op,
     iterates_shape: Union[IteratesShape, Mapping[str, IteratesShape]],
-) -> None:
-    """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula.
+) -> Callable:
+    """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula, and
+    returns pool_op(x, weight, iters, eps, order, keep_iterates, precision) -> out, what the backend's `pool`
+    calls (eager: the formula as an autograd.Function; traced: the op).
 
     iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
     backend whose device kernels keep different state gives one such function per device type
@@ -108,16 +113,19 @@ def register_pool_op(
     def _backward_fake(grad, x, weight, out, A, tr, iterates, iters, order, precision):
         return backward_outputs(x, weight)
 
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         x, weight, iters, eps, order, _keep, precision = inputs
         out, A, tr, iterates = output
         ctx.save_for_backward(x, weight, out, A, tr, iterates)
         ctx.iters, ctx.eps, ctx.order, ctx.precision = iters, eps, order, precision
-        ctx.mark_non_differentiable(A, tr, iterates)
+
+    def setup_context(ctx, inputs, output):
+        save(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
         # Otherwise autograd fills a zero gradient for each auxiliary output (100s of MB for iterates).
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_out, _gA, _gtr, _giterates):
+    def backward(ctx, grad_out, *_aux_grads):
         if grad_out is None:
             return None, None, None, None, None, None, None
         x, weight, out, A, tr, iterates = ctx.saved_tensors
@@ -136,6 +144,39 @@ def register_pool_op(
         return dx, (dweight if weight is not None else None), None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+    class EagerPool(torch.autograd.Function):
+        """The registered formula (save / backward above) without torch.library's wrapper: the op's kernel is
+        called below the Autograd dispatch key, so that nothing runs twice. Returns `out` only."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = forward_op(*inputs)
+            save(ctx, inputs, output)
+            return output[0]
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return backward(ctx, grad_out)
+
+    def pool_op(x, weight, iters, eps, order, keep_iterates, precision):
+        """`out` of forward_op(...); differentiable by the registered formula."""
+        inputs = (x, weight, iters, eps, order, keep_iterates, precision)
+        if torch.compiler.is_compiling() or not (_plain(x) and (weight is None or _plain(weight))):
+            return forward_op(*inputs)[0]  # traced (or a tensor subclass): the op, one node with its formula
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return EagerPool.apply(*inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return forward_op(*inputs)[0]
+
+    return pool_op
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor, not a subclass that traces or transforms (FakeTensor, FunctionalTensor, ...); a Parameter is
+    plain."""
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
 def forward_outputs(x: torch.Tensor, iters: int, keep_iterates: bool, iterates_shape: IteratesShape) -> tuple:

@@ -47,7 +47,7 @@ ITERATES_SHAPE = {
     "cuda": lambda b, c, n, iters: (iters - 1, 3, b, c, c),
 }
 
-register_pool_op(
+_pool_op = register_pool_op(
     torch.ops.threeg.cov_pool_ext_forward.default, torch.ops.threeg.cov_pool_ext_backward.default, ITERATES_SHAPE
 )
 
@@ -63,7 +63,7 @@ SPECTRAL_MAX_ITERS_FLOAT32 = 5
 def pool(x, weight, iters, eps, order, precision, keep_iterates):
     if x.device.type == "cpu" and x.dtype == torch.float32 and iters > SPECTRAL_MAX_ITERS_FLOAT32:
         return torch_impl.pool(x, weight, iters, eps, order, precision, keep_iterates)
-    return torch.ops.threeg.cov_pool_ext_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
+    return _pool_op(x, weight, iters, eps, order, keep_iterates, precision)
 
 
 def _unavailable_on(device: torch.device):

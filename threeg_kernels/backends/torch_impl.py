@@ -160,11 +160,13 @@ def _backward(grad, x, weight, out, A, tr, iterates, iters, order):
     return dxw * weight.unsqueeze(1), (dxw * x).sum(1)
 
 
-register_pool_op(cov_pool_torch_forward, cov_pool_torch_backward, lambda b, c, n, iters: _iterates_shape(b, c, iters))
+_pool_op = register_pool_op(
+    cov_pool_torch_forward, cov_pool_torch_backward, lambda b, c, n, iters: _iterates_shape(b, c, iters)
+)
 
 
 def pool(x, weight, iters, eps, order, precision, keep_iterates):
-    return cov_pool_torch_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
+    return _pool_op(x, weight, iters, eps, order, keep_iterates, precision)
 
 
 # Keep the iterates by default: measured faster for 6x the saved memory (docs/benchmark.md, "keep vs recompute").

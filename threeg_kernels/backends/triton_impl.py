@@ -96,11 +96,11 @@ def cov_pool_triton_backward(
         return head_backward(grad, x, weight, out, A, tr, iterates, iters, order == "3g", cfg)
 
 
-register_pool_op(cov_pool_triton_forward, cov_pool_triton_backward, _iterates_shape)
+_pool_op = register_pool_op(cov_pool_triton_forward, cov_pool_triton_backward, _iterates_shape)
 
 
 def pool(x, weight, iters, eps, order, precision, keep_iterates):
-    return cov_pool_triton_forward(x, weight, iters, eps, order, keep_iterates, precision)[0]
+    return _pool_op(x, weight, iters, eps, order, keep_iterates, precision)
 
 
 _NOT_ON_CPU = "Triton kernels run on CUDA devices; on CPU only under TRITON_INTERPRET=1 (slow, for tests)"
