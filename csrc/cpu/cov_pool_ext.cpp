@@ -24,8 +24,9 @@
 //   saved (21): per sample [V (N x N, row-major), m (N)], shape (B, N (N + 1)) <= (B, C (C + 1)).
 // Either route's saved state may be empty: the backward then recomputes the eigendecomposition.
 //
-// Samples run in parallel (at::parallel_for over the batch, samples handed out one at a time; each thread calls
-// single-threaded BLAS/LAPACK directly on its own scratch, allocated once per call). No N x N matrix is formed
+// Samples run in parallel (at::parallel_for over the batch, samples handed out from a shared counter: the forward
+// takes them in groups whose eigendecompositions run together, small_eigh.h; each thread calls single-threaded
+// BLAS/LAPACK directly on its own scratch, allocated once per call). No N x N matrix is formed
 // on the C x C route and no C x C eigenvector on the Gram route; the covariance, trace, normalisation, centring
 // and the triangle pack/scatter are fused loops around the products.
 #include "../cov_pool_ext.h"
@@ -169,8 +170,14 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
 #else
 #define THREEG_PER_ISA
 #endif
-THREEG_PER_ISA bool small_eigh(SmallEigh<float>& e, const float* a, float* v, float* l) { return e(a, v, l); }
-THREEG_PER_ISA bool small_eigh(SmallEigh<double>& e, const double* a, double* v, double* l) { return e(a, v, l); }
+THREEG_PER_ISA void small_eigh(SmallEigh<float>& e, int g, const float* const* a, float* const* v, float* const* l,
+                               bool* ok) {
+  e(g, a, v, l, ok);
+}
+THREEG_PER_ISA void small_eigh(SmallEigh<double>& e, int g, const double* const* a, double* const* v,
+                               double* const* l, bool* ok) {
+  e(g, a, v, l, ok);
+}
 
 // SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core,
 // 1.12x / 1.04x faster at 128 in float32 / float64, 0.98x / 0.96x at 160).
@@ -189,11 +196,11 @@ inline EighChoice eigh_choice() {
   return EighChoice::kAuto;
 }
 
-// The eigendecomposition of one symmetric n x n matrix `a` (row-major, both triangles) into slot = [V row-major
+// The eigendecompositions of symmetric n x n matrices `a` (row-major, both triangles) into slot = [V row-major
 // (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax (or as
-// `choice` says), LAPACK's syevd above it and wherever the QL iteration does not converge. A sample with a
-// non-finite trace (NaN/Inf inputs) gets NaN, as the iteration would give. LAPACK's workspace size is asked once
-// per thread, when needed.
+// `choice` says), up to group() matrices at once, LAPACK's syevd above it and for any matrix whose QL iteration
+// does not converge. A sample with a non-finite trace (NaN/Inf inputs) gets NaN, as the iteration would give.
+// LAPACK's workspace size is asked once per thread, when needed.
 template <typename scalar_t>
 class Eigh {
  public:
@@ -202,15 +209,35 @@ class Eigh {
     if (own) small_.emplace(n);
   }
 
-  void operator()(const scalar_t* a, bool finite, scalar_t* slot) {
+  // How many matrices one call solves together: SmallEigh's group, or 1 where syevd runs (nothing to gain).
+  int group() const { return small_.has_value() ? kGroup : 1; }
+
+  // For j < g <= group(): a[j] into slot[j], NaN where finite[j] is false.
+  void operator()(int g, const scalar_t* const* a, const bool* finite, scalar_t* const* slot) {
     const int64_t nn = n_ * n_;
-    bool ok = false;
-    if (finite) {
-      ok = small_.has_value() && small_eigh(*small_, a, slot, slot + nn);
-      if (!ok) ok = lapack(a, slot);
+    bool ok[kGroup] = {};
+    if (small_.has_value()) {  // the finite matrices, together
+      const scalar_t* mats[kGroup];
+      scalar_t *vecs[kGroup], *vals[kGroup];
+      bool converged[kGroup];
+      int which[kGroup], m = 0;
+      for (int j = 0; j < g; ++j) {
+        if (!finite[j]) continue;
+        mats[m] = a[j];
+        vecs[m] = slot[j];
+        vals[m] = slot[j] + nn;
+        which[m++] = j;
+      }
+      if (m > 0) small_eigh(*small_, m, mats, vecs, vals, converged);
+      for (int i = 0; i < m; ++i) ok[which[i]] = converged[i];
     }
-    if (!ok) std::fill(slot, slot + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
+    for (int j = 0; j < g; ++j) {
+      if (finite[j] && !ok[j]) ok[j] = lapack(a[j], slot[j]);
+      if (!ok[j]) std::fill(slot[j], slot[j] + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
+    }
   }
+
+  void operator()(const scalar_t* a, bool finite, scalar_t* slot) { (*this)(1, &a, &finite, &slot); }
 
  private:
   bool lapack(const scalar_t* a, scalar_t* slot) {
@@ -376,8 +403,8 @@ class GramRecursion {
   std::vector<double> steps_;
 };
 
-// Samples are handed out one at a time from a shared counter rather than in fixed halves: on a shared
-// machine a thread that is descheduled leaves its samples to the others instead of holding up the op.
+// Samples are handed out from a shared counter (one at a time, or a small group) rather than in fixed halves: on
+// a shared machine a thread that is descheduled leaves its samples to the others instead of holding up the op.
 inline int64_t threads_for(int64_t b_n) { return std::max<int64_t>(1, std::min<int64_t>(b_n, at::get_num_threads())); }
 
 // Each thread of the batch loop calls BLAS/LAPACK single-threaded: MKL's own threads on top of ours would
@@ -406,15 +433,18 @@ inline void for_triangle(int64_t c, bool lower, F f) {
 // Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
 inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1) : c * (c + 1); }
 
-// The Gram factor of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N scratch), its
-// eigendecomposition into slot = [V (N x N), m (N)], W = Xc V^T / sqrt(N tr) and m_i = |W_i|^2.
+// The Gram matrix of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N).
 template <typename scalar_t>
-void gram_factor(const scalar_t* xc, int64_t c, int64_t n, double tr_b, Eigh<scalar_t>& eigh, scalar_t* gram,
-                 scalar_t* slot, scalar_t* W, std::vector<double>& norms) {
+void gram_matrix(const scalar_t* xc, int64_t c, int64_t n, double tr_b, scalar_t* gram) {
   gemm<scalar_t>(true, false, n, n, c, static_cast<scalar_t>(1.0 / (n * tr_b)), xc, n, xc, n, 0, gram, n);
-  eigh(gram, std::isfinite(tr_b), slot);
+}
+
+// With M's eigendecomposition in slot = [V (N x N), m (N)]: W = Xc V^T / sqrt(N tr) and m_i = |W_i|^2, the
+// eigenvalues as Rayleigh quotients v_i^T M v_i, the Gram route's (20).
+template <typename scalar_t>
+void gram_vectors(const scalar_t* xc, int64_t c, int64_t n, double tr_b, scalar_t* slot, scalar_t* W,
+                  std::vector<double>& norms) {
   gemm<scalar_t>(false, true, c, n, n, static_cast<scalar_t>(1.0 / std::sqrt(n * tr_b)), xc, n, slot, n, 0, W, n);
-  // The eigenvalues as Rayleigh quotients v_i^T M v_i = |W_i|^2, the Gram route's (20).
   std::fill(norms.begin(), norms.end(), 0.0);
   for (int64_t ci = 0; ci < c; ++ci)
     for (int64_t j = 0; j < n; ++j) norms[j] += static_cast<double>(W[ci * n + j]) * W[ci * n + j];
@@ -453,66 +483,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
     scalar_t* tr_p = tr.mutable_data_ptr<scalar_t>();
     scalar_t* slots = keep_iterates ? iterates.mutable_data_ptr<scalar_t>() : nullptr;
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
+    const int64_t threads = threads_for(b_n), per_thread = (b_n + threads - 1) / threads;
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
-      const int64_t k = gram ? n : c;  // the eigendecomposition's size
-      std::vector<scalar_t> xc(c * n), prod(c * c), own_slot(keep_iterates ? 0 : slot_n);
-      // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: gram (N x N), W, W diag(q) (C x N)
-      std::vector<scalar_t> work1(gram ? n * n : c * n), work2(c * (gram ? n : c)), work3(gram ? c * n : 0);
+      Eigh<scalar_t> eigh(gram ? n : c, choice);
+      // Samples are taken `group` at a time so that their eigendecompositions run together (Eigh::group()).
+      const int group = static_cast<int>(std::min<int64_t>(eigh.group(), per_thread));
+      std::vector<scalar_t> xcs(group * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
+      std::vector<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
+      // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W, W diag(q) (C x N)
+      std::vector<scalar_t> work1(gram ? 0 : c * n), work2(c * (gram ? n : c)), work3(gram ? c * n : 0);
       std::vector<scalar_t> p(c);
       std::vector<double> norms(n);
       GramRecursion recursion;
-      Eigh<scalar_t> eigh(k, choice);
-      for (int64_t b = next++; b < b_n; b = next++) {
-        centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc.data());
-        scalar_t* P = prod.data();
-        gemm_lower<scalar_t>(c, n, 1, xc.data(), xc.data(), n, P, c);  // Xc Xc^T, its lower triangle
+      for (int64_t b0 = next.fetch_add(group); b0 < b_n; b0 = next.fetch_add(group)) {
+        const int g = static_cast<int>(std::min<int64_t>(group, b_n - b0));
+        const scalar_t* mats[kGroup];  // what each sample's eigendecomposition is of: A or M
+        scalar_t* slot_of[kGroup];
+        bool finite[kGroup];
+        double trs[kGroup];
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t b = b0 + gi;
+          scalar_t* xc = xcs.data() + gi * c * n;
+          centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc);
+          scalar_t* P = prod.data();
+          gemm_lower<scalar_t>(c, n, 1, xc, xc, n, P, c);  // Xc Xc^T, its lower triangle
 
-        double trace = 0;
-        for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
-        const double tr_b = trace / n + c * eps;
-        tr_p[b] = static_cast<scalar_t>(tr_b);
-        const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
-        scalar_t* Ab = A_p + b * c * c;
-        for (int64_t i = 0; i < c; ++i) {  // A, mirrored from the lower triangle: exactly symmetric
-          for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = Ab[j * c + i] = P[i * c + j] * scale;
-          Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
+          double trace = 0;
+          for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
+          const double tr_b = trace / n + c * eps;
+          trs[gi] = tr_b;
+          tr_p[b] = static_cast<scalar_t>(tr_b);
+          const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
+          scalar_t* Ab = A_p + b * c * c;
+          for (int64_t i = 0; i < c; ++i) {  // A, mirrored from the lower triangle: exactly symmetric
+            for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = Ab[j * c + i] = P[i * c + j] * scale;
+            Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
+          }
+          if (gram) {
+            gram_matrix<scalar_t>(xc, c, n, tr_b, grams.data() + gi * n * n);
+            mats[gi] = grams.data() + gi * n * n;
+          } else {
+            mats[gi] = Ab;
+          }
+          finite[gi] = std::isfinite(tr_b);
+          slot_of[gi] = keep_iterates ? slots + b * slot_n : own_slots.data() + gi * slot_n;
         }
+        eigh(g, mats, finite, slot_of);
 
-        scalar_t* slot = keep_iterates ? slots + b * slot_n : own_slot.data();
-        double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
-        if (gram) {
-          scalar_t* W = work2.data();
-          gram_factor<scalar_t>(xc.data(), c, n, tr_b, eigh, work1.data(), slot, W, norms);
-          recursion.run(slot + n * n, n, eps / tr_b, iters, false);
-          scalar_t* Wq = work3.data();
-          for (int64_t ci = 0; ci < c; ++ci)
-            for (int64_t j = 0; j < n; ++j) Wq[ci * n + j] = W[ci * n + j] * static_cast<scalar_t>(recursion.q[j]);
-          gemm_lower<scalar_t>(c, n, 1, Wq, W, n, P, c);  // W diag(q) W^T, docs/math.md (25): lower triangle
-          diag = recursion.pa;
-        } else {
-          scalar_t* V = slot;
-          eigh(Ab, std::isfinite(tr_b), V);
-          scalar_t* proj = work1.data();
-          gemm<scalar_t>(false, false, c, n, c, 1, V, c, xc.data(), n, 0, proj, n);  // V Xc
-          rayleigh_eigenvalues<scalar_t>(proj, c, n, tr_b, eps / tr_b, V + c * c);
-          trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
-          scalar_t* scaled = work2.data();
-          for (int64_t i = 0; i < c; ++i)
-            for (int64_t j = 0; j < c; ++j) scaled[i * c + j] = p[i] * V[i * c + j];
-          gemm<scalar_t>(true, false, c, c, c, 1, V, c, scaled, c, 0, P, c);  // Y = V^T p(L) V
-        }
+        for (int gi = 0; gi < g; ++gi) {
+          const int64_t b = b0 + gi;
+          const double tr_b = trs[gi];
+          const scalar_t* xc = xcs.data() + gi * c * n;
+          scalar_t* P = prod.data();
+          scalar_t* slot = slot_of[gi];
+          double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
+          if (gram) {
+            scalar_t* W = work2.data();
+            gram_vectors<scalar_t>(xc, c, n, tr_b, slot, W, norms);
+            recursion.run(slot + n * n, n, eps / tr_b, iters, false);
+            scalar_t* Wq = work3.data();
+            for (int64_t ci = 0; ci < c; ++ci)
+              for (int64_t j = 0; j < n; ++j) Wq[ci * n + j] = W[ci * n + j] * static_cast<scalar_t>(recursion.q[j]);
+            gemm_lower<scalar_t>(c, n, 1, Wq, W, n, P, c);  // W diag(q) W^T, docs/math.md (25): lower triangle
+            diag = recursion.pa;
+          } else {
+            scalar_t* V = slot;
+            scalar_t* proj = work1.data();
+            gemm<scalar_t>(false, false, c, n, c, 1, V, c, xc, n, 0, proj, n);  // V Xc
+            rayleigh_eigenvalues<scalar_t>(proj, c, n, tr_b, eps / tr_b, V + c * c);
+            trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
+            scalar_t* scaled = work2.data();
+            for (int64_t i = 0; i < c; ++i)
+              for (int64_t j = 0; j < c; ++j) scaled[i * c + j] = p[i] * V[i * c + j];
+            gemm<scalar_t>(true, false, c, c, c, 1, V, c, scaled, c, 0, P, c);  // Y = V^T p(L) V
+          }
 
-        const scalar_t* Y = P;
-        const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
-        const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
-        scalar_t* o = out_p + b * triangle_size(c);
-        if (gram) {  // Y's lower triangle only
-          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
-            o[idx] = root * lower_entry(Y, c, i, j) + (i == j ? root_diag : scalar_t(0));
-          });
-        } else {
-          for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
+          const scalar_t* Y = P;
+          const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
+          const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
+          scalar_t* o = out_p + b * triangle_size(c);
+          if (gram) {  // Y's lower triangle only
+            for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
+              o[idx] = root * lower_entry(Y, c, i, j) + (i == j ? root_diag : scalar_t(0));
+            });
+          } else {
+            for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
+          }
         }
       }
     });
@@ -606,7 +663,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             gemm<scalar_t>(false, true, c, n, n, static_cast<scalar_t>(1.0 / std::sqrt(n * tr_b)), xcp, n, slot, n, 0,
                            W, n);
           } else {
-            gram_factor<scalar_t>(xcp, c, n, tr_b, eigh[0], work6.data(), own, W, norms);
+            gram_matrix<scalar_t>(xcp, c, n, tr_b, work6.data());
+            eigh[0](work6.data(), std::isfinite(tr_b), own);
+            gram_vectors<scalar_t>(xcp, c, n, tr_b, own, W, norms);
           }
           const scalar_t* m = slot + n * n;
           const double a = recovered_shift();

@@ -6,9 +6,17 @@
 // hundred the matrix stays in the core's caches, where LAPACK's syevd spends most of its time in calls to
 // general BLAS-2 kernels and in the set-up of its divide-and-conquer stage (crossover measured in docs/ext.md).
 //
+// A group of up to kGroup matrices is solved together: each QL iteration is a chain of dependent scalar operations
+// (a square root, a division and four products a rotation, ~45 cycles), so one matrix leaves the core mostly
+// idle. The group's chains are advanced a rotation each in turn, which lets the core overlap them; their rotations
+// are recorded and applied afterwards, a sweep at a time in column blocks that keep the carried row in registers
+// (one load and one store a rotation, where applying each rotation at once loads and stores two rows). A group
+// of one applies each rotation at once: there the rows' updates overlap the chain's latency instead.
+//
 // Storage: `a` row-major n x n, both triangles, read only; `v` (n x n, row-major) receives the eigenvectors as
-// rows, `l` (n) the eigenvalues in ascending order, as syevd gives them. Returns false when the QL iteration has
-// not converged after 30 sweeps for one eigenvalue (or the input was not finite); `v` and `l` are then undefined.
+// rows, `l` (n) the eigenvalues in ascending order, as syevd gives them. A matrix whose QL iteration has not
+// converged after 30 sweeps for one eigenvalue (or that was not finite) is reported as failed; its `v` and `l`
+// are then undefined.
 #pragma once
 
 #include <algorithm>
@@ -125,7 +133,9 @@ THREEG_EIGH_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, 
 
 // Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3}
 // accumulated from the last, Q <- H_k Q on rows k + 1 .., then transposed. Columns left of k + 1 of those rows
-// are zero at step k, so the aligned start adds zeros. q: n x ld scratch; u, y: ld scratch.
+// are zero at step k, so the aligned start adds zeros. q: n x ld scratch; u, y: ld scratch, u zero on entry.
+// (Forming Q^T row by row instead, M <- M H_k, needs a dot product per row before its update: 4x slower at
+// n = 64 to 128.)
 template <typename T>
 THREEG_EIGH_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* u, T* y, T* qt) {
   std::fill(q, q + n * ld, T(0));
@@ -138,104 +148,247 @@ THREEG_EIGH_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld,
     sum_rows(q + (k + 1) * ld + j0, ld, u + k + 1, T(1), n - k - 1, len, y + j0);  // y^T = u^T Q
     for (int64_t i = k + 1; i < n; ++i) axpy(-tau[k] * u[i], y + j0, q + i * ld + j0, len);
   }
-  std::fill(qt, qt + n * ld, T(0));
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) qt[j * ld + i] = q[i * ld + j];
-}
-
-// The implicit QL iteration with Wilkinson shifts on T (d, e), each plane rotation applied to rows i, i + 1 of
-// vt (n rows of stride ld). On return d holds the eigenvalues (unsorted), vt's rows the matching eigenvectors.
-template <typename T>
-THREEG_EIGH_INLINE bool tridiagonal_ql(T* d, T* e, T* vt, int64_t n, int64_t ld) {
-  const T ulp = std::numeric_limits<T>::epsilon();
-  for (int64_t l = 0; l < n; ++l) {
-    for (int64_t sweep = 0;; ++sweep) {
-      int64_t m = l;
-      for (; m + 1 < n; ++m) {  // the first negligible coupling at or below l splits T there
-        const T dd = std::abs(d[m]) + std::abs(d[m + 1]);
-        if (std::abs(e[m]) <= ulp * dd) break;
-      }
-      if (m == l) break;
-      if (sweep >= 30) return false;  // 30 sweeps for one eigenvalue (EISPACK's limit); the caller falls back
-      // Shift: the eigenvalue of T's leading 2 x 2 block at l nearer d[l]; g = d[m] - shift
-      T g = (d[l + 1] - d[l]) / (T(2) * e[l]);
-      T r = std::sqrt(g * g + T(1));
-      g = d[m] - d[l] + e[l] / (g + std::copysign(r, g));
-      T s = 1, c = 1, p = 0;
-      bool split = false;
-      for (int64_t i = m - 1; i >= l; --i) {  // chase the bulge up from m to l
-        const T f = s * e[i], b = c * e[i];
-        r = std::sqrt(f * f + g * g);  // |f|, |g| <= ~2 |T|: no overflow for the inputs here
-        e[i + 1] = r;
-        if (r == T(0)) {  // underflow: T splits at i + 1; undo the shift's last part and sweep again
-          d[i + 1] -= p;
-          e[m] = 0;
-          split = true;
-          break;
-        }
-        const T rinv = T(1) / r;  // one division on the iteration's critical path, not two
-        s = f * rinv;
-        c = g * rinv;
-        g = d[i + 1] - p;
-        r = (d[i] - g) * s + T(2) * c * b;
-        p = s * r;
-        d[i + 1] = g + p;
-        g = c * r - b;
-        rotate(vt + i * ld, vt + (i + 1) * ld, c, s, ld);
-      }
-      if (split) continue;
-      d[l] -= p;
-      e[l] = g;
-      e[m] = 0;
+  // The transpose in kLanes x kLanes tiles (ld is a multiple of kLanes; the padding is zero in both).
+  for (int64_t i0 = 0; i0 < ld; i0 += kLanes) {
+    for (int64_t j0 = 0; j0 < ld; j0 += kLanes) {
+      T tile[kLanes][kLanes];
+      for (int64_t i = 0; i < kLanes && i0 + i < n; ++i)
+        for (int64_t j = 0; j < kLanes; ++j) tile[j][i] = q[(i0 + i) * ld + j0 + j];
+      for (int64_t j = 0; j < kLanes && j0 + j < n; ++j)
+        for (int64_t i = 0; i < kLanes; ++i) qt[(j0 + j) * ld + i0 + i] = i0 + i < n ? tile[j][i] : T(0);
     }
   }
-  return true;
 }
+
+// The implicit QL iteration with Wilkinson shifts on T (d, e), one plane rotation (or one sweep's set-up) per
+// step(), so that the chains of several matrices can be interleaved. Each rotation acts on rows i, i + 1 of the
+// eigenvector rows vt (n rows of stride ld): at once (Record = false) or recorded as (c, s) with the sweeps' rows
+// for apply_rotations. Once step() returns false, d holds the eigenvalues (unsorted) and the rows (after
+// apply_rotations) the matching eigenvectors, unless failed().
+template <typename T>
+class QLChain {
+ public:
+  void start(T* d, T* e, T* vt, int64_t n, int64_t ld) {
+    d_ = d;
+    e_ = e;
+    vt_ = vt;
+    n_ = n;
+    ld_ = ld;
+    l_ = 0;
+    i_ = -1;
+    sweep_ = 0;
+    failed_ = false;
+    rotations_.clear();
+    sweeps_.clear();
+  }
+
+  bool failed() const { return failed_; }
+
+  // False once every eigenvalue has converged, or when one has not after 30 sweeps (EISPACK's limit; failed()).
+  template <bool Record>
+  THREEG_EIGH_INLINE bool step() {
+    T *d = d_, *e = e_;
+    if (i_ >= l_) {  // within a sweep: the rotation at i chases the bulge one row up, from m towards l
+      const int64_t i = i_;
+      const T f = s_ * e[i], b = c_ * e[i];
+      T r = std::sqrt(f * f + g_ * g_);  // |f|, |g| <= ~2 |T|: no overflow for the inputs here
+      e[i + 1] = r;
+      if (r == T(0)) {  // underflow: T splits at i + 1; undo the shift's last part and sweep again
+        d[i + 1] -= p_;
+        e[m_] = 0;
+        end_sweep<Record>(m_ - 1 - i);
+        return true;
+      }
+      const T rinv = T(1) / r;  // one division on the iteration's critical path, not two
+      s_ = f * rinv;
+      c_ = g_ * rinv;
+      g_ = d[i + 1] - p_;
+      r = (d[i] - g_) * s_ + T(2) * c_ * b;
+      p_ = s_ * r;
+      d[i + 1] = g_ + p_;
+      g_ = c_ * r - b;
+      if constexpr (Record) {
+        rotations_.push_back(c_);
+        rotations_.push_back(s_);
+      } else {
+        rotate(vt_ + i * ld_, vt_ + (i + 1) * ld_, c_, s_, ld_);
+      }
+      if (--i_ < l_) {
+        d[l_] -= p_;
+        e[l_] = g_;
+        e[m_] = 0;
+        end_sweep<Record>(m_ - l_);
+      }
+      return true;
+    }
+    const T ulp = std::numeric_limits<T>::epsilon();
+    int64_t m = l_;
+    for (; m + 1 < n_; ++m) {  // the first negligible coupling at or below l splits T there
+      const T dd = std::abs(d[m]) + std::abs(d[m + 1]);
+      if (std::abs(e[m]) <= ulp * dd) break;
+    }
+    if (m == l_) {  // d[l] has converged
+      sweep_ = 0;
+      return ++l_ < n_;
+    }
+    if (sweep_++ >= 30) {
+      failed_ = true;
+      return false;
+    }
+    // Shift: the eigenvalue of T's leading 2 x 2 block at l nearer d[l]; g = d[m] - shift
+    const int64_t l = l_;
+    const T g = (d[l + 1] - d[l]) / (T(2) * e[l]);
+    const T r = std::sqrt(g * g + T(1));
+    g_ = d[m] - d[l] + e[l] / (g + std::copysign(r, g));
+    s_ = 1;
+    c_ = 1;
+    p_ = 0;
+    m_ = m;
+    i_ = m - 1;
+    if constexpr (Record) sweeps_.push_back(m);
+    return true;
+  }
+
+  // The recorded rotations, applied to vt in column blocks of W vectors: for each sweep, row m is carried in
+  // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry).
+  void apply_rotations() {
+    int64_t k0 = 0;
+    for (; k0 + 4 * kVector <= ld_; k0 += 4 * kVector) apply_block<4>(k0);
+    for (; k0 < ld_; k0 += kVector) apply_block<1>(k0);
+  }
+
+ private:
+  static constexpr int64_t kVector = 64 / sizeof(T);  // elements in one 64-byte vector
+  typedef T Vec __attribute__((vector_size(64)));
+
+  template <bool Record>
+  THREEG_EIGH_INLINE void end_sweep(int64_t count) {
+    i_ = -1;
+    if constexpr (Record) sweeps_.push_back(count);
+  }
+
+  template <int W>
+  THREEG_EIGH_INLINE void apply_block(int64_t k0) {
+    const T* rot = rotations_.data();
+    for (size_t q = 0; q < sweeps_.size(); q += 2) {
+      const int64_t m = sweeps_[q], count = sweeps_[q + 1];
+      T* row = vt_ + m * ld_ + k0;
+      Vec y[W];
+      for (int w = 0; w < W; ++w) __builtin_memcpy(&y[w], row + w * kVector, sizeof(Vec));
+      for (int64_t t = 0; t < count; ++t) {
+        const T c = rot[2 * t], s = rot[2 * t + 1];
+        T* x = row - ld_;
+        for (int w = 0; w < W; ++w) {
+          Vec xw;
+          __builtin_memcpy(&xw, x + w * kVector, sizeof(Vec));
+          const Vec out = s * xw + c * y[w];
+          y[w] = c * xw - s * y[w];
+          __builtin_memcpy(row + w * kVector, &out, sizeof(Vec));
+        }
+        row = x;
+      }
+      for (int w = 0; w < W; ++w) __builtin_memcpy(row + w * kVector, &y[w], sizeof(Vec));
+      rot += 2 * count;
+    }
+  }
+
+  T *d_ = nullptr, *e_ = nullptr, *vt_ = nullptr;
+  int64_t n_ = 0, ld_ = 0, l_ = 0, m_ = 0, i_ = -1;
+  int sweep_ = 0;
+  bool failed_ = false;
+  T s_ = 1, c_ = 1, p_ = 0, g_ = 0;
+  std::vector<T> rotations_;      // (c, s) of each recorded rotation, in order
+  std::vector<int64_t> sweeps_;  // per recorded sweep: m and its number of rotations (rows m - 1 .. m - count)
+};
 
 }  // namespace small_eigh_detail
 
-// Scratch of one thread for matrices of size n: reused across samples (no allocation per call).
+// The most matrices solved together (see the top of this file): enough chains to fill the core's latency.
+constexpr int kGroup = 4;
+
+// Scratch of one thread for up to kGroup matrices of size n: reused across samples (no allocation per call).
 template <typename T>
 class SmallEigh {
  public:
   explicit SmallEigh(int64_t n)
       : n_(n),
         ld_((n + small_eigh_detail::kLanes - 1) / small_eigh_detail::kLanes * small_eigh_detail::kLanes),
-        a_(n * ld_),
+        a_(kGroup * n * ld_),
         q_(n * ld_),
-        vt_(n * ld_),
-        vec_(3 * n + 3 * ld_),
-        order_(n) {}
+        vt_(kGroup * n * ld_),
+        vec_(kGroup * (3 * n + 3 * ld_)),
+        order_(n),
+        chains_(kGroup) {}
 
-  // a: row-major n x n symmetric (both triangles; read only). v: n x n, rows = eigenvectors; l: ascending.
-  THREEG_EIGH_INLINE bool operator()(const T* a, T* v, T* l) {
+  // For j < g <= kGroup: a[j] row-major n x n symmetric (both triangles; read only) into v[j] (n x n, rows =
+  // eigenvectors) and l[j] (ascending); ok[j] says whether that matrix converged.
+  THREEG_EIGH_INLINE void operator()(int g, const T* const* a, T* const* v, T* const* l, bool* ok) {
     using namespace small_eigh_detail;
     const int64_t n = n_, ld = ld_;
-    T *d = vec_.data(), *e = d + n, *tau = e + n, *p = tau + n, *u = p + ld, *w = u + ld;
+    bool live[kGroup];
+    int alive = 0;
+    for (int j = 0; j < g; ++j) {
+      T* aj = a_.data() + j * n * ld;
+      T *d = vec(j), *e = d + n, *tau = e + n, *p = tau + n, *u = p + ld, *w = u + ld;
+      live[j] = ok[j] = copy_finite(a[j], aj);
+      if (!ok[j]) continue;
+      tridiagonalise(aj, n, ld, d, e, tau, p, u, w);
+      std::fill(u, u + ld, T(0));
+      form_qt(aj, tau, n, ld, q_.data(), u, p, vt(j));
+      chains_[j].start(d, e, vt(j), n, ld);
+      ++alive;
+    }
+    if (g == 1) {
+      if (live[0]) while (chains_[0].template step<false>()) {}
+    } else {
+      while (alive > 0) {
+        for (int j = 0; j < g; ++j) {
+          if (live[j] && !chains_[j].template step<true>()) {
+            live[j] = false;
+            --alive;
+          }
+        }
+      }
+    }
+    for (int j = 0; j < g; ++j) {
+      if (!ok[j]) continue;
+      if (chains_[j].failed()) {
+        ok[j] = false;
+        continue;
+      }
+      if (g > 1) chains_[j].apply_rotations();
+      const T* d = vec(j);
+      const T* rows = vt(j);
+      for (int64_t i = 0; i < n; ++i) order_[i] = i;
+      std::sort(order_.begin(), order_.end(), [&](int64_t x, int64_t y) { return d[x] < d[y]; });
+      for (int64_t i = 0; i < n; ++i) {
+        l[j][i] = d[order_[i]];
+        std::copy(rows + order_[i] * ld, rows + order_[i] * ld + n, v[j] + i * n);
+      }
+    }
+  }
+
+ private:
+  T* vec(int j) { return vec_.data() + j * (3 * n_ + 3 * ld_); }
+  T* vt(int j) { return vt_.data() + j * n_ * ld_; }
+
+  // a into the padded rows of `to` (zeros past n); false if an entry is not finite.
+  bool copy_finite(const T* a, T* to) const {
+    const int64_t n = n_, ld = ld_;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         if (!std::isfinite(a[i * n + j])) return false;
-        a_[i * ld + j] = a[i * n + j];
+        to[i * ld + j] = a[i * n + j];
       }
-      std::fill(a_.data() + i * ld + n, a_.data() + (i + 1) * ld, T(0));
-    }
-    tridiagonalise(a_.data(), n, ld, d, e, tau, p, u, w);
-    std::fill(u, u + ld, T(0));
-    form_qt(a_.data(), tau, n, ld, q_.data(), u, p, vt_.data());
-    if (!tridiagonal_ql(d, e, vt_.data(), n, ld)) return false;
-    for (int64_t i = 0; i < n; ++i) order_[i] = i;
-    std::sort(order_.begin(), order_.end(), [&](int64_t x, int64_t y) { return d[x] < d[y]; });
-    for (int64_t i = 0; i < n; ++i) {
-      l[i] = d[order_[i]];
-      std::copy(vt_.data() + order_[i] * ld, vt_.data() + order_[i] * ld + n, v + i * n);
+      std::fill(to + i * ld + n, to + (i + 1) * ld, T(0));
     }
     return true;
   }
 
- private:
   int64_t n_, ld_;
   std::vector<T> a_, q_, vt_, vec_;
   std::vector<int64_t> order_;
+  std::vector<small_eigh_detail::QLChain<T>> chains_;
 };
 
 }  // namespace threeg
