@@ -77,18 +77,20 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t, a
               " must have the dtype and device of x (", x.scalar_type(), ", ", x.device(), "); got ", describe(t));
 }
 
-// The saved tensors of the backward; `iterates` is empty (recompute) or of the backend's shape.
+// The saved tensors of the backward: A of the shape the forward gave it (`A_shape`: (B, C, C), or (0) where the
+// backward never reads it), `iterates` empty (recompute) or of the backend's shape.
 inline void check_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& out, const at::Tensor& A,
-                                const at::Tensor& tr, const at::Tensor& iterates, at::IntArrayRef iterates_shape,
-                                int64_t iters, c10::string_view precision, c10::DeviceType device) {
+                                at::IntArrayRef A_shape, const at::Tensor& tr, const at::Tensor& iterates,
+                                at::IntArrayRef iterates_shape, int64_t iters, c10::string_view precision,
+                                c10::DeviceType device) {
   check_pool_inputs(op, x, weight, device);
   TORCH_CHECK(iters >= 1 && iters <= kMaxIters, op, ": iters must be in [1, ", kMaxIters, "]; got ", iters);
   check_precision(op, precision);
   const int64_t b = x.size(0), c = x.size(1);
   check_shape(op, "grad", grad, {b, triangle_size(c)}, x);
   check_shape(op, "out", out, {b, triangle_size(c)}, x);
-  check_shape(op, "A", A, {b, c, c}, x);
+  check_shape(op, "A", A, A_shape, x);
   check_shape(op, "tr", tr, {b}, x);
   if (iterates.numel() != 0) {
     check_shape(op, "iterates", iterates, iterates_shape, x);

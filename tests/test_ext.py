@@ -173,10 +173,16 @@ def test_cxc_route_diagonal_covariance(dtype, spread):
 _ext_impl = None if _MISSING is not None else __import__("threeg_kernels.backends.ext_impl", fromlist=["gram_route"])
 
 
-def _iterates_width(c: int, n: int) -> int:
+def _saved(c: int, n: int) -> tuple[int, int]:
+    """(elements of A, of the kept iterates) that the forward op returns for one sample of C x N."""
     fwd, _ = pool_ops("ext")
     x = torch.randn(1, c, n, dtype=torch.float64)
-    return fwd(x, None, 2, 1e-7, "3g", True, "ieee")[3].shape[1]
+    _, A, _, iterates = fwd(x, None, 2, 1e-7, "3g", True, "ieee")
+    return A.numel(), iterates.shape[1]
+
+
+def _iterates_width(c: int, n: int) -> int:
+    return _saved(c, n)[1]
 
 
 @pytest.mark.parametrize("c", [8, 64, 256])
@@ -192,9 +198,16 @@ def test_route_either_side_of_the_crossover(c):
 
 
 def test_gram_route_keeps_less_at_every_n_below_c():
+    """What the backward keeps of a sample: on the Gram route V and m of M (N (N + 1)) and no A, which its
+    backward never reads; on the C x C route A (C^2) and U, L (C (C + 1))."""
     c = 40
     for n in range(2, c):
-        assert _iterates_width(c, n) <= c * (c + 1), n
+        a, iterates = _saved(c, n)
+        if _ext_impl.gram_route(c, n):
+            assert a == 0 and iterates == n * (n + 1), n
+        else:
+            assert a == c * c and iterates == c * (c + 1), n
+        assert a + iterates <= c * c + c * (c + 1), n
 
 
 def _both_routes_case(dtype):
@@ -295,8 +308,9 @@ def test_empty_batch(keep_iterates, weighted, c, n):
     x = torch.randn(0, c, n)
     w = torch.rand(0, n) if weighted else None
     out, A, tr, iterates = fwd(x, w, 5, 1e-7, "3g", keep_iterates, "ieee")
-    width = (n if _ext_impl.gram_route(c, n) else c) * ((n if _ext_impl.gram_route(c, n) else c) + 1)
-    assert out.shape == (0, c * (c + 1) // 2) and A.shape == (0, c, c) and tr.shape == (0,)
+    gram = _ext_impl.gram_route(c, n)
+    width = (n if gram else c) * ((n if gram else c) + 1)
+    assert out.shape == (0, c * (c + 1) // 2) and A.shape == ((0,) if gram else (0, c, c)) and tr.shape == (0,)
     assert iterates.shape == ((0, width) if keep_iterates else (0,))
     dx, dw = bwd(torch.randn(0, c * (c + 1) // 2), x, w, out, A, tr, iterates, 5, "3g", "ieee")
     assert dx.shape == x.shape and dw.shape == ((0, n) if weighted else (0,))

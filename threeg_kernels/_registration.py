@@ -15,7 +15,8 @@ signature drifts fails at import, naming the difference.
                False: `iterates` is empty and the backward recomputes them from A (docs/math.md, "keep or
                recompute")
     precision  the matmul input precision ('ieee', or a mode the backend lists in `Loaded.precisions`)
-    out        (B, C(C+1)/2);  A = Sigma / tr (B, C, C);  tr (B,)
+    out        (B, C(C+1)/2);  A = Sigma / tr (B, C, C), or empty (0,) where the backend's backward never
+               reads it (its `a_shape` says where: the ext CPU kernels' Gram route);  tr (B,)
     dweight    an empty tensor when weight is None
 
 Every op pair also promises:
@@ -53,6 +54,12 @@ BACKWARD_SCHEMA = (
 )
 
 IteratesShape = Callable[[int, int, int, int], tuple[int, ...]]
+AShape = Callable[[int, int, int], tuple[int, ...]]
+
+
+def full_a_shape(b: int, c: int, n: int) -> tuple[int, ...]:
+    """A = Sigma / tr of every sample, what the forward op returns unless its backend says otherwise."""
+    return (b, c, c)
 
 
 def check_op_args(op: str, iters: int, order: str, precision: str, precisions: tuple[str, ...] = ("ieee",)) -> None:
@@ -86,28 +93,29 @@ def register_pool_op(
     forward_op,
     backward_op,
     iterates_shape: Union[IteratesShape, Mapping[str, IteratesShape]],
+    a_shape: Union[AShape, Mapping[str, AShape]] = full_a_shape,
 ) -> Callable:
     """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula, and
     returns pool_op(x, weight, iters, eps, order, keep_iterates, precision) -> out, what the backend's `pool`
     calls (eager: the formula as an autograd.Function; traced: the op).
 
-    iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True); a
-    backend whose device kernels keep different state gives one such function per device type
-    (e.g. {"cpu": ..., "cuda": ...}).
+    iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True), a_shape(B, C, N)
+    that of its A output (default (B, C, C)); a backend whose device kernels keep different state gives one such
+    function per device type (e.g. {"cpu": ..., "cuda": ...}).
     """
     check_schema(forward_op, FORWARD_SCHEMA)
     check_schema(backward_op, BACKWARD_SCHEMA)
 
-    def _iterates_shape(x) -> IteratesShape:
-        if not isinstance(iterates_shape, Mapping):
-            return iterates_shape
-        if x.device.type not in iterates_shape:
+    def on_device(shape, x):
+        if not isinstance(shape, Mapping):
+            return shape
+        if x.device.type not in shape:
             raise NotImplementedError(f"{forward_op} has no kernel for device type {x.device.type!r}")
-        return iterates_shape[x.device.type]
+        return shape[x.device.type]
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(x, weight, iters, eps, order, keep_iterates, precision):
-        return forward_outputs(x, iters, keep_iterates, _iterates_shape(x))
+        return forward_outputs(x, iters, keep_iterates, on_device(iterates_shape, x), on_device(a_shape, x))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad, x, weight, out, A, tr, iterates, iters, order, precision):
@@ -179,12 +187,14 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
-def forward_outputs(x: torch.Tensor, iters: int, keep_iterates: bool, iterates_shape: IteratesShape) -> tuple:
+def forward_outputs(
+    x: torch.Tensor, iters: int, keep_iterates: bool, iterates_shape: IteratesShape, a_shape: AShape = full_a_shape
+) -> tuple:
     """(out, A, tr, iterates) of the forward op for x (B, C, N), uninitialised: its fake kernel, and what a
     backend's op returns for an empty batch (B = 0), where no kernel has anything to compute."""
     b, c, n = x.shape
     out = x.new_empty(b, c * (c + 1) // 2)
-    A = x.new_empty(b, c, c)
+    A = x.new_empty(a_shape(b, c, n))
     tr = x.new_empty(b)
     iterates = x.new_empty(iterates_shape(b, c, n, iters) if keep_iterates else (0,))
     return out, A, tr, iterates

@@ -17,8 +17,9 @@
 // eigendecomposition; with W = B V^T (C x N), p(A) = p(a) I + W diag(q) W^T (25) and the gradient (27)-(28)
 // needs no C x C eigenvectors and no 1/m: its coefficients are higher divided differences of p from the
 // Leibniz rule on the recursion (26).
-//   forward:  Xc, P = Xc Xc^T, tr and A as above; M = Xc^T Xc / (N tr); Eigh of M; W = Xc V^T / sqrt(N tr),
-//             m refined as |W_i|^2 (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
+//   forward:  Xc, tr = |Xc|^2 / N + C eps (no C x C product: the op's A output is empty on this route, which
+//             never reads it); M = Xc^T Xc / (N tr); Eigh of M; W = Xc V^T / sqrt(N tr), m refined as |W_i|^2
+//             (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
 //   backward: dY_K (9); GW = dY W, H = W^T GW; q, h, F (26); E of (28) in place of H; <dA, A> (29);
 //             dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
 //   saved (21): per sample [V (N x N, row-major), m (N)], shape (B, N (N + 1)) <= (B, C (C + 1)).
@@ -121,21 +122,53 @@ inline void check_blas_sizes(const char* op, int64_t c, int64_t n) {
   TORCH_CHECK(big * big < limit, op, ": C and N must have C^2, C N, N^2 below 2^31 on CPU; got C = ", c, ", N = ", n);
 }
 
-// sum_i v[i] (or v[i]^2) accumulated in double, in four partial sums: one double chain is latency-bound (the
-// compiler may not reorder a floating-point sum), four keep the adder busy.
-template <bool squares, typename scalar_t>
-double sum_as_double(const scalar_t* v, int64_t n) {
+// sum_i term(i) accumulated in double, in four partial sums: one double chain is latency-bound (the compiler may
+// not reorder a floating-point sum), four keep the adder busy.
+template <typename F>
+double sum_as_double_of(int64_t n, F term) {
   double s[4] = {0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
-    for (int r = 0; r < 4; ++r) s[r] += squares ? static_cast<double>(v[i + r]) * v[i + r] : v[i + r];
-  for (; i < n; ++i) s[0] += squares ? static_cast<double>(v[i]) * v[i] : v[i];
+    for (int r = 0; r < 4; ++r) s[r] += term(i + r);
+  for (; i < n; ++i) s[0] += term(i);
   return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// sum_i v[i] (or v[i]^2) in double
+template <bool squares, typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
+  return sum_as_double_of(n, [v](int64_t i) { return squares ? static_cast<double>(v[i]) * v[i] : v[i]; });
 }
 
 template <typename scalar_t>
 double sum_as_double(const scalar_t* v, int64_t n) {
   return sum_as_double<false>(v, n);
+}
+
+// sum_i a[i] b[i] in double
+template <typename scalar_t>
+double dot_as_double(const scalar_t* a, const scalar_t* b, int64_t n) {
+  return sum_as_double_of(n, [a, b](int64_t i) { return static_cast<double>(a[i]) * b[i]; });
+}
+
+// Copies one triangle of the c x c row-major m (below the diagonal if from_lower, else above it) onto the other,
+// in tiles of 16 x 16 so that the side written (or read) down a column stays in cache.
+template <typename scalar_t>
+void mirror(scalar_t* m, int64_t c, bool from_lower) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < c; i0 += kTile) {
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      const int64_t i1 = std::min(i0 + kTile, c);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j1 = std::min(j0 + kTile, i);
+        if (from_lower) {
+          for (int64_t j = j0; j < j1; ++j) m[j * c + i] = m[i * c + j];
+        } else {
+          for (int64_t j = j0; j < j1; ++j) m[i * c + j] = m[j * c + i];
+        }
+      }
+    }
+  }
 }
 
 // Xc = X_w - mu 1^T of sample b into xc (C x N, contiguous); x and weight may be strided.
@@ -433,6 +466,12 @@ inline void for_triangle(int64_t c, bool lower, F f) {
 // Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
 inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1) : c * (c + 1); }
 
+// The op's A output: (B, C, C) on the C x C route; on the Gram route, whose backward reads only x and the saved
+// state, it is empty (0) and never formed (no C x C product in its forward): docs/math.md (21).
+inline std::vector<int64_t> A_shape(int64_t b, int64_t c, int64_t n) {
+  return gram_route(c, n) ? std::vector<int64_t>{0} : std::vector<int64_t>{b, c, c};
+}
+
 // The Gram matrix of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N).
 template <typename scalar_t>
 void gram_matrix(const scalar_t* xc, int64_t c, int64_t n, double tr_b, scalar_t* gram) {
@@ -469,7 +508,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   const bool gram = gram_route(c, n);
   const int64_t slot_n = slot_size(c, n);
   Tensor out = at::empty({b_n, triangle_size(c)}, x.options());
-  Tensor A = at::empty({b_n, c, c}, x.options());
+  Tensor A = at::empty(A_shape(b_n, c, n), x.options());
   Tensor tr = at::empty({b_n}, x.options());
   Tensor iterates = keep_iterates ? at::empty({b_n, slot_n}, x.options()) : at::empty({0}, x.options());
   if (b_n == 0) return {out, A, tr, iterates};
@@ -506,26 +545,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           const int64_t b = b0 + gi;
           scalar_t* xc = xcs.data() + gi * c * n;
           centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc);
-          scalar_t* P = prod.data();
-          gemm_lower<scalar_t>(c, n, 1, xc, xc, n, P, c);  // Xc Xc^T, its lower triangle
-
-          double trace = 0;
-          for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
-          const double tr_b = trace / n + c * eps;
-          trs[gi] = tr_b;
-          tr_p[b] = static_cast<scalar_t>(tr_b);
-          const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
-          scalar_t* Ab = A_p + b * c * c;
-          for (int64_t i = 0; i < c; ++i) {  // A, mirrored from the lower triangle: exactly symmetric
-            for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = Ab[j * c + i] = P[i * c + j] * scale;
-            Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
-          }
-          if (gram) {
+          if (gram) {  // trace(Xc Xc^T) = |Xc|^2; M, not A, is what the route decomposes
+            const double tr_b = sum_as_double<true>(xc, c * n) / n + c * eps;
+            trs[gi] = tr_b;
             gram_matrix<scalar_t>(xc, c, n, tr_b, grams.data() + gi * n * n);
             mats[gi] = grams.data() + gi * n * n;
           } else {
+            scalar_t* P = prod.data();
+            gemm_lower<scalar_t>(c, n, 1, xc, xc, n, P, c);  // Xc Xc^T, its lower triangle
+            double trace = 0;
+            for (int64_t i = 0; i < c; ++i) trace += P[i * (c + 1)];
+            const double tr_b = trace / n + c * eps;
+            trs[gi] = tr_b;
+            const scalar_t scale = static_cast<scalar_t>(1.0 / (n * tr_b)), shift = static_cast<scalar_t>(eps / tr_b);
+            scalar_t* Ab = A_p + b * c * c;
+            for (int64_t i = 0; i < c; ++i) {  // A's lower triangle, then mirrored: exactly symmetric
+              for (int64_t j = 0; j < i; ++j) Ab[i * c + j] = P[i * c + j] * scale;
+              Ab[i * (c + 1)] = P[i * (c + 1)] * scale + shift;
+            }
+            mirror(Ab, c, true);
             mats[gi] = Ab;
           }
+          tr_p[b] = static_cast<scalar_t>(trs[gi]);
+          const double tr_b = trs[gi];
           finite[gi] = std::isfinite(tr_b);
           slot_of[gi] = keep_iterates ? slots + b * slot_n : own_slots.data() + gi * slot_n;
         }
@@ -586,8 +628,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
   check_blas_sizes(op, c, n);
   const bool gram = gram_route(c, n);
   const int64_t slot_n = slot_size(c, n);
-  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates, {b_n, slot_n}, iters, precision,
-                      c10::kCPU);
+  check_backward_args(op, grad_in, x, weight, out_in, A_in, A_shape(b_n, c, n), tr_in, iterates, {b_n, slot_n}, iters,
+                      precision, c10::kCPU);
   const bool lower = is_lower_order(op, order);
   const bool weighted = weight.has_value() && weight->defined();
   const bool saved = iterates.numel() != 0;
@@ -635,21 +677,24 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         scalar_t* own = own_slot.data();  // written only when the eigendecomposition is recomputed
         const scalar_t* slot = saved ? sd + b * slot_n : own;
 
-        // dY_K = sqrt(tr) sym(G_S), docs/math.md (9), and <grad, out>, trace(dY) on the way.
+        // dY_K = sqrt(tr) sym(G_S), docs/math.md (9): the triangle into its half of dY row by row, then mirrored;
+        // <grad, out> and trace(dY).
         const scalar_t* g = grad.const_data_ptr<scalar_t>() + b * tri;
         const scalar_t* o = out.const_data_ptr<scalar_t>() + b * tri;
         scalar_t* dy = dY.data();
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b)), half_root = root * scalar_t(0.5);
-        double grad_out = 0, trace_dy = 0;
-        for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
-          grad_out += static_cast<double>(g[idx]) * o[idx];
-          if (i == j) {
-            dy[i * c + i] = root * g[idx];
-            trace_dy += dy[i * c + i];
-          } else {
-            dy[i * c + j] = dy[j * c + i] = half_root * g[idx];
-          }
-        });
+        const double grad_out = dot_as_double(g, o, tri);
+        double trace_dy = 0;
+        for (int64_t i = 0, idx = 0; i < c; ++i) {
+          const int64_t j0 = lower ? 0 : i, j1 = lower ? i + 1 : c;  // row i's part of the triangle, (7)-(8)
+          scalar_t* row = dy + i * c;
+          const scalar_t* gi = g + idx - j0;
+          for (int64_t j = j0; j < j1; ++j) row[j] = half_root * gi[j];
+          row[i] = root * gi[i];
+          trace_dy += row[i];
+          idx += j1 - j0;
+        }
+        mirror(dy, c, lower);
 
         double dA_dot_A = 0;
         const scalar_t* pp = nullptr;  // dA Xc / dscale

@@ -368,8 +368,8 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_in, const Tensor& x,
                                          c10::string_view precision) {
   const char* op = "threeg::cov_pool_ext_backward";
   const int64_t b_n = x.size(0), c_n = x.size(1), n_n = x.size(2);
-  check_backward_args(op, grad_in, x, weight, out_in, A_in, tr_in, iterates_in, {iters - 1, 3, b_n, c_n, c_n}, iters,
-                      precision, c10::kCUDA);
+  check_backward_args(op, grad_in, x, weight, out_in, A_in, {b_n, c_n, c_n}, tr_in, iterates_in,
+                      {iters - 1, 3, b_n, c_n, c_n}, iters, precision, c10::kCUDA);
   const bool lower = is_lower_order(op, order);
   check_batch(op, b_n);
   OpScope scope(x);

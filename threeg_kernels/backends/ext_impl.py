@@ -9,7 +9,8 @@ switches and measurements.
 Saved state ("iterates", keep_iterates=True), per device:
     CPU, C x C spectral route: per sample the eigenvectors V = U^T and eigenvalues of A, (B, C (C + 1));
     CPU, Gram route (gram_route(C, N)): per sample the eigenvectors and eigenvalues of the N x N Gram
-                           matrix, (B, N (N + 1)) (docs/math.md (24)-(29));
+                           matrix, (B, N (N + 1)) (docs/math.md (24)-(29)); the op's A output is empty (0,)
+                           there (its backward reads x and this state only, so no C x C matrix is formed);
     CUDA (iteration):      (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, (K - 1, 3, B, C, C) as in the torch backend.
 """
 
@@ -19,7 +20,7 @@ import importlib.util
 
 import torch
 
-from .._registration import register_pool_op
+from .._registration import full_a_shape, register_pool_op
 from . import Loaded, torch_impl
 
 if importlib.util.find_spec("threeg_kernels._C") is None:
@@ -47,8 +48,20 @@ ITERATES_SHAPE = {
     "cuda": lambda b, c, n, iters: (iters - 1, 3, b, c, c),
 }
 
+
+def _cpu_a_shape(b, c, n):
+    """The Gram route's backward reads only x and the saved state: its forward forms no C x C matrix and
+    returns A empty."""
+    return (0,) if gram_route(c, n) else full_a_shape(b, c, n)
+
+
+A_SHAPE = {"cpu": _cpu_a_shape, "cuda": full_a_shape}
+
 _pool_op = register_pool_op(
-    torch.ops.threeg.cov_pool_ext_forward.default, torch.ops.threeg.cov_pool_ext_backward.default, ITERATES_SHAPE
+    torch.ops.threeg.cov_pool_ext_forward.default,
+    torch.ops.threeg.cov_pool_ext_backward.default,
+    ITERATES_SHAPE,
+    A_SHAPE,
 )
 
 
