@@ -74,6 +74,16 @@ namespace {
 
 using at::Tensor;
 
+// The hot loops (SmallEigh of small_eigh.h, the divided differences) compiled once per instruction set, the CPU's
+// own picked at load time: they vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise. The arch=x86-64-vN clones need GCC 12 and
+// glibc's ifunc; other compilers and C libraries build the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
+    defined(__GLIBC__)
+#define THREEG_PER_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define THREEG_PER_ISA
+#endif
+
 // The Gram route runs when N is below C by the measured margin (docs/ext.md, "Routes": the crossover measured
 // at C = 64 .. 512); threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
 inline bool gram_route(int64_t c, int64_t n) { return 16 * n <= 15 * c; }
@@ -194,15 +204,6 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   }
 }
 
-// SmallEigh (small_eigh.h) compiled once per instruction set, the CPU's own picked at load time: its loops
-// vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise. The arch=x86-64-vN clones need GCC 12 and
-// glibc's ifunc; other compilers and C libraries build the baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
-    defined(__GLIBC__)
-#define THREEG_PER_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define THREEG_PER_ISA
-#endif
 THREEG_PER_ISA void small_eigh(SmallEigh<float>& e, int g, const float* const* a, float* const* v, float* const* l,
                                bool* ok) {
   e(g, a, v, l, ok);
@@ -335,12 +336,11 @@ void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, 
   }
 }
 
-// Row i of D: dy[j] = p[l_i, l_j] for j <= i, by the pair recursion docs/math.md (18) with a = l_i, b = l_j.
+// Row i of D: dy[j] = p[l_i, l_j] for every j, by the pair recursion docs/math.md (18) with a = l_i, b = l_j.
 template <typename scalar_t>
-void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
-                         const scalar_t* ts, scalar_t* __restrict__ dy, scalar_t* __restrict__ dz) {
-  const int64_t m = i + 1;
-  for (int64_t j = 0; j < m; ++j) {
+inline void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
+                                const scalar_t* ts, scalar_t* __restrict__ dy, scalar_t* __restrict__ dz) {
+  for (int64_t j = 0; j < c; ++j) {
     dy[j] = 1;
     dz[j] = 0;
   }
@@ -349,13 +349,40 @@ void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys
     const scalar_t* __restrict__ yb = ys + k * c;
     const scalar_t* __restrict__ zb = zs + k * c;
     const scalar_t* __restrict__ tb = ts + k * c;
-    for (int64_t j = 0; j < m; ++j) {
+    for (int64_t j = 0; j < c; ++j) {
       const scalar_t dt = scalar_t(-0.5) * (dz[j] * yb[j] + za * dy[j]);
       const scalar_t dy_next = dy[j] * tb[j] + ya * dt;
       dz[j] = dt * zb[j] + ta * dz[j];
       dy[j] = dy_next;
     }
   }
+}
+
+// M <- D o M, docs/math.md (17): row i of M scaled by row i of D. D is symmetric, but its full rows (twice the
+// recursion's work, which vectorises) scale M along rows, where half rows would scale half of it down columns.
+// Returns sum_i (D o M)_ii l_i, what <dA, A> needs. ys, zs, ts: trajectories(); dy, dz: scratch of c.
+template <typename scalar_t>
+inline double scale_by_divided_differences(scalar_t* M, const scalar_t* l, int64_t c, int64_t iters,
+                                           const scalar_t* ys, const scalar_t* zs, const scalar_t* ts,
+                                           scalar_t* dy, scalar_t* dz) {
+  double dA_dot_A = 0;
+  for (int64_t i = 0; i < c; ++i) {
+    divided_differences<scalar_t>(i, c, iters, ys, zs, ts, dy, dz);
+    scalar_t* row = M + i * c;
+    for (int64_t j = 0; j < c; ++j) row[j] *= dy[j];
+    dA_dot_A += static_cast<double>(row[i]) * l[i];
+  }
+  return dA_dot_A;
+}
+THREEG_PER_ISA double scale_by_divided_differences_isa(float* M, const float* l, int64_t c, int64_t iters,
+                                                       const float* ys, const float* zs, const float* ts, float* dy,
+                                                       float* dz) {
+  return scale_by_divided_differences(M, l, c, iters, ys, zs, ts, dy, dz);
+}
+THREEG_PER_ISA double scale_by_divided_differences_isa(double* M, const double* l, int64_t c, int64_t iters,
+                                                       const double* ys, const double* zs, const double* ts,
+                                                       double* dy, double* dz) {
+  return scale_by_divided_differences(M, l, c, iters, ys, zs, ts, dy, dz);
 }
 
 // The divided differences of the Gram route, docs/math.md (26): the recursion (16) run on the nodes
@@ -760,15 +787,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           scalar_t* zs = ys + iters * c;
           scalar_t* ts = zs + iters * c;
           trajectories<scalar_t>(l, c, iters, ys, zs, ts, p.data());
-          for (int64_t i = 0; i < c; ++i) {
-            divided_differences<scalar_t>(i, c, iters, ys, zs, ts, ddy.data(), ddz.data());
-            for (int64_t j = 0; j < i; ++j) {
-              M[i * c + j] *= ddy[j];
-              M[j * c + i] *= ddy[j];
-            }
-            M[i * c + i] *= ddy[i];
-            dA_dot_A += static_cast<double>(M[i * c + i]) * l[i];
-          }
+          dA_dot_A = scale_by_divided_differences_isa(M, l, c, iters, ys, zs, ts, ddy.data(), ddz.data());
 
           if (via_eigenbasis) {
             gemm<scalar_t>(false, false, c, n, c, 1, M, c, R2, n, 0, R1, n);
