@@ -166,7 +166,10 @@ def register_pool_op(
 
         @staticmethod
         def backward(ctx, grad_out):
-            return backward(ctx, grad_out)
+            if torch.is_grad_enabled():  # create_graph=True: the reference math, differentiable (backward above)
+                return backward(ctx, grad_out)
+            with torch._C._AutoDispatchBelowAutograd():  # the backward op has no derivative to set up
+                return backward(ctx, grad_out)
 
     def pool_op(x, weight, iters, eps, order, keep_iterates, precision):
         """`out` of forward_op(...); differentiable by the registered formula."""

@@ -213,8 +213,9 @@ THREEG_PER_ISA void small_eigh(SmallEigh<double>& e, int g, const double* const*
   e(g, a, v, l, ok);
 }
 
-// SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core,
-// 1.12x / 1.04x faster at 128 in float32 / float64, 0.98x / 0.96x at 160).
+// SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core, float32
+// 1.14x faster at 128, 1.02x at 160, 0.86x at 256 on an Intel Xeon; float64 1.03x at 96, 0.95x at 128 there and
+// 1.04x at 128 on an AMD EPYC).
 constexpr int64_t kSmallEighMax = 128;
 
 // THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
