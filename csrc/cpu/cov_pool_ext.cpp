@@ -75,8 +75,8 @@ namespace {
 using at::Tensor;
 
 // The hot loops (SmallEigh of small_eigh.h, the divided differences) compiled once per instruction set, the CPU's
-// own picked at load time: they vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise. The arch=x86-64-vN clones need GCC 12 and
-// glibc's ifunc; other compilers and C libraries build the baseline only.
+// own picked at load time: they vectorise for AVX-512 / AVX2 where present, on any x86-64 otherwise. The
+// arch=x86-64-vN clones need GCC 12 and glibc's ifunc; other compilers and C libraries build the baseline only.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
     defined(__GLIBC__)
 #define THREEG_PER_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -214,8 +214,8 @@ THREEG_PER_ISA void small_eigh(SmallEigh<double>& e, int g, const double* const*
 }
 
 // SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core, float32
-// 1.14x faster at 128, 1.02x at 160, 0.86x at 256 on an Intel Xeon; float64 1.03x at 96, 0.95x at 128 there and
-// 1.04x at 128 on an AMD EPYC).
+// 1.14x faster at 128, 1.02x at 160, 0.86x at 256 on an Intel Xeon; float64 1.03x at 96, 0.95x at 128 there but
+// 1.04x at 128 on an AMD EPYC: one threshold for both, the float64 difference being within 5% either way).
 constexpr int64_t kSmallEighMax = 128;
 
 // THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
@@ -339,8 +339,8 @@ void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, 
 
 // Row i of D: dy[j] = p[l_i, l_j] for every j, by the pair recursion docs/math.md (18) with a = l_i, b = l_j.
 template <typename scalar_t>
-inline void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
-                                const scalar_t* ts, scalar_t* __restrict__ dy, scalar_t* __restrict__ dz) {
+THREEG_INLINE void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
+                                       const scalar_t* ts, scalar_t* __restrict__ dy, scalar_t* __restrict__ dz) {
   for (int64_t j = 0; j < c; ++j) {
     dy[j] = 1;
     dz[j] = 0;
@@ -363,9 +363,9 @@ inline void divided_differences(int64_t i, int64_t c, int64_t iters, const scala
 // recursion's work, which vectorises) scale M along rows, where half rows would scale half of it down columns.
 // Returns sum_i (D o M)_ii l_i, what <dA, A> needs. ys, zs, ts: trajectories(); dy, dz: scratch of c.
 template <typename scalar_t>
-inline double scale_by_divided_differences(scalar_t* M, const scalar_t* l, int64_t c, int64_t iters,
-                                           const scalar_t* ys, const scalar_t* zs, const scalar_t* ts,
-                                           scalar_t* dy, scalar_t* dz) {
+THREEG_INLINE double scale_by_divided_differences(scalar_t* M, const scalar_t* l, int64_t c, int64_t iters,
+                                                  const scalar_t* ys, const scalar_t* zs, const scalar_t* ts,
+                                                  scalar_t* dy, scalar_t* dz) {
   double dA_dot_A = 0;
   for (int64_t i = 0; i < c; ++i) {
     divided_differences<scalar_t>(i, c, iters, ys, zs, ts, dy, dz);

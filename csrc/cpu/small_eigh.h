@@ -1,10 +1,11 @@
 // The symmetric eigendecomposition of the ext CPU backend for small matrices (docs/ext.md, "Eigensolver").
 //
 // A = Q T Q^T by Householder reflections (T tridiagonal), then T = Z diag(l) Z^T by the implicit QL iteration with
-// Wilkinson shifts, its plane rotations applied straight to the rows of Q^T, so that V = Z^T Q^T comes out with
-// row i the i-th eigenvector. Every step is a loop over contiguous rows of at most n elements: for n up to a few
-// hundred the matrix stays in the core's caches, where LAPACK's syevd spends most of its time in calls to
-// general BLAS-2 kernels and in the set-up of its divide-and-conquer stage (crossover measured in docs/ext.md).
+// Wilkinson shifts, its plane rotations applied to the rows of Q^T (at once, or recorded and applied after the
+// iteration: below), so that V = Z^T Q^T comes out with row i the i-th eigenvector. Every step is a loop over
+// contiguous rows of at most n elements: for n up to a few hundred the matrix stays in the core's caches, where
+// LAPACK's syevd spends most of its time in calls to general BLAS-2 kernels and in the set-up of its
+// divide-and-conquer stage (crossover measured in docs/ext.md).
 //
 // A group of up to kGroup matrices is solved together: each QL iteration is a chain of dependent scalar operations
 // (a square root, a division and four products a rotation, ~45 cycles), so one matrix leaves the core mostly
@@ -25,9 +26,9 @@
 #include <limits>
 #include <vector>
 
-// Everything is inlined into the caller, which is compiled once per instruction set (target_clones): the loops
-// then vectorise for AVX-512 / AVX2 where the CPU has them.
-#define THREEG_EIGH_INLINE inline __attribute__((always_inline))
+// Everything is forced inline into the caller, which is compiled once per instruction set (target_clones): the
+// loops then vectorise for AVX-512 / AVX2 where the CPU has them.
+#define THREEG_INLINE inline __attribute__((always_inline))
 
 namespace threeg {
 namespace small_eigh_detail {
@@ -37,7 +38,7 @@ constexpr int64_t kLanes = 16;
 
 // Rows x <- c x - s y, y <- s x + c y (the QL rotation of eigenvectors i and i + 1).
 template <typename T>
-THREEG_EIGH_INLINE void rotate(T* __restrict x, T* __restrict y, T c, T s, int64_t n) {
+THREEG_INLINE void rotate(T* __restrict x, T* __restrict y, T c, T s, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     const T xk = x[k], yk = y[k];
     x[k] = c * xk - s * yk;
@@ -47,14 +48,14 @@ THREEG_EIGH_INLINE void rotate(T* __restrict x, T* __restrict y, T c, T s, int64
 
 // y += alpha x
 template <typename T>
-THREEG_EIGH_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+THREEG_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
 }
 
 // out = sum_j alpha coef[j] row_j for `rows` rows of length n (stride ld), four rows per pass over `out`: one
 // row per pass makes every pass wait for the previous one's stores.
 template <typename T>
-THREEG_EIGH_INLINE void sum_rows(const T* __restrict rows_p, int64_t ld, const T* __restrict coef, T alpha,
+THREEG_INLINE void sum_rows(const T* __restrict rows_p, int64_t ld, const T* __restrict coef, T alpha,
                                  int64_t rows, int64_t n, T* __restrict out) {
   std::fill(out, out + n, T(0));
   int64_t j = 0;
@@ -67,7 +68,7 @@ THREEG_EIGH_INLINE void sum_rows(const T* __restrict rows_p, int64_t ld, const T
 }
 
 template <typename T>
-THREEG_EIGH_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   T s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // four chains: one is latency-bound
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
@@ -88,7 +89,7 @@ THREEG_EIGH_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n
 // k + 1 .. n - 1, so no loop has a scalar remainder. d, e: T's diagonal and off-diagonal (e[k] couples k and
 // k + 1); row k of `a` keeps u right of position k, tau[k] the scalar; p, u, w: scratch of ld.
 template <typename T>
-THREEG_EIGH_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* tau, T* p, T* u, T* w) {
+THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* tau, T* p, T* u, T* w) {
   std::fill(u, u + ld, T(0));
   std::fill(w, w + ld, T(0));
   for (int64_t k = 0; k + 2 < n; ++k) {
@@ -133,11 +134,11 @@ THREEG_EIGH_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, 
 
 // Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3}
 // accumulated from the last, Q <- H_k Q on rows k + 1 .., then transposed. Columns left of k + 1 of those rows
-// are zero at step k, so the aligned start adds zeros. q: n x ld scratch; u, y: ld scratch, u zero on entry.
+// are zero at step k, so the aligned start adds zeros. q: n x ld scratch; u, y: ld scratch.
 // (Forming Q^T row by row instead, M <- M H_k, needs a dot product per row before its update: 4x slower at
 // n = 64 to 128.)
 template <typename T>
-THREEG_EIGH_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* u, T* y, T* qt) {
+THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* u, T* y, T* qt) {
   std::fill(q, q + n * ld, T(0));
   for (int64_t i = 0; i < n; ++i) q[i * ld + i] = 1;
   for (int64_t k = n - 3; k >= 0; --k) {
@@ -186,7 +187,7 @@ class QLChain {
 
   // False once every eigenvalue has converged, or when one has not after 30 sweeps (EISPACK's limit; failed()).
   template <bool Record>
-  THREEG_EIGH_INLINE bool step() {
+  THREEG_INLINE bool step() {
     T *d = d_, *e = e_;
     if (i_ >= l_) {  // within a sweep: the rotation at i chases the bulge one row up, from m towards l
       const int64_t i = i_;
@@ -251,7 +252,7 @@ class QLChain {
 
   // The recorded rotations, applied to vt in column blocks of W vectors: for each sweep, row m is carried in
   // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry).
-  void apply_rotations() {
+  THREEG_INLINE void apply_rotations() {
     int64_t k0 = 0;
     for (; k0 + 4 * kVector <= ld_; k0 += 4 * kVector) apply_block<4>(k0);
     for (; k0 < ld_; k0 += kVector) apply_block<1>(k0);
@@ -262,13 +263,13 @@ class QLChain {
   typedef T Vec __attribute__((vector_size(64)));
 
   template <bool Record>
-  THREEG_EIGH_INLINE void end_sweep(int64_t count) {
+  THREEG_INLINE void end_sweep(int64_t count) {
     i_ = -1;
     if constexpr (Record) sweeps_.push_back(count);
   }
 
   template <int W>
-  THREEG_EIGH_INLINE void apply_block(int64_t k0) {
+  THREEG_INLINE void apply_block(int64_t k0) {
     const T* rot = rotations_.data();
     for (size_t q = 0; q < sweeps_.size(); q += 2) {
       const int64_t m = sweeps_[q], count = sweeps_[q + 1];
@@ -298,7 +299,7 @@ class QLChain {
   bool failed_ = false;
   T s_ = 1, c_ = 1, p_ = 0, g_ = 0;
   std::vector<T> rotations_;      // (c, s) of each recorded rotation, in order
-  std::vector<int64_t> sweeps_;  // per recorded sweep: m and its number of rotations (rows m - 1 .. m - count)
+  std::vector<int64_t> sweeps_;  // per recorded sweep: m and its number of rotations (at i = m - 1 .. m - count)
 };
 
 }  // namespace small_eigh_detail
@@ -322,7 +323,7 @@ class SmallEigh {
 
   // For j < g <= kGroup: a[j] row-major n x n symmetric (both triangles; read only) into v[j] (n x n, rows =
   // eigenvectors) and l[j] (ascending); ok[j] says whether that matrix converged.
-  THREEG_EIGH_INLINE void operator()(int g, const T* const* a, T* const* v, T* const* l, bool* ok) {
+  THREEG_INLINE void operator()(int g, const T* const* a, T* const* v, T* const* l, bool* ok) {
     using namespace small_eigh_detail;
     const int64_t n = n_, ld = ld_;
     bool live[kGroup];
