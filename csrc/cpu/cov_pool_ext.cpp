@@ -337,6 +337,20 @@ void rayleigh_eigenvalues(const scalar_t* R, int64_t c, int64_t n, double tr_b, 
   }
 }
 
+// How many of the ascending eigenvalues l (c of them) (20) refines: those below kRefineBelow times the largest.
+// Above it the solver's own error, ~eps_mach l_max, is at most 100 ulps of the eigenvalue, of which p (slope
+// ~1 / (2 sqrt(l)) there) passes on half relative to p(l); below, down to eps / tr, it grows without bound, and the
+// refinement is what keeps float32 accurate (docs/math.md, "Eigenvalue refinement"; measured in docs/ext.md). The
+// refined ones come first: only those rows of V Xc are formed.
+constexpr double kRefineBelow = 1e-2;
+template <typename scalar_t>
+int64_t rows_to_refine(const scalar_t* l, int64_t c) {
+  const double limit = kRefineBelow * static_cast<double>(l[c - 1]);
+  int64_t k = 0;
+  while (k < c && !(static_cast<double>(l[k]) >= limit)) ++k;  // NaN: refine (and stay NaN)
+  return k;
+}
+
 // Row i of D: dy[j] = p[l_i, l_j] for every j, by the pair recursion docs/math.md (18) with a = l_i, b = l_j.
 template <typename scalar_t>
 THREEG_INLINE void divided_differences(int64_t i, int64_t c, int64_t iters, const scalar_t* ys, const scalar_t* zs,
@@ -620,8 +634,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           } else {
             scalar_t* V = slot;
             scalar_t* proj = work1.data();
-            gemm<scalar_t>(false, false, c, n, c, 1, V, c, xc, n, 0, proj, n);  // V Xc
-            rayleigh_eigenvalues<scalar_t>(proj, c, n, tr_b, eps / tr_b, V + c * c);
+            const int64_t k = rows_to_refine(V + c * c, c);
+            if (k > 0) gemm<scalar_t>(false, false, k, n, c, 1, V, c, xc, n, 0, proj, n);  // rows 0 .. k - 1 of V Xc
+            rayleigh_eigenvalues<scalar_t>(proj, k, n, tr_b, eps / tr_b, V + c * c);
             trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
             scalar_t* scaled = work2.data();
             for (int64_t i = 0; i < c; ++i)
@@ -779,7 +794,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           const bool project = via_eigenbasis || !saved;
           if (!saved) eigh[0](A.const_data_ptr<scalar_t>() + b * c * c, std::isfinite(tr_b), own);
           if (project) gemm<scalar_t>(false, false, c, n, c, 1, V, c, xcp, n, 0, R2, n);  // U^T Xc
-          if (!saved) rayleigh_eigenvalues<scalar_t>(R2, c, n, tr_b, recovered_shift(), own + c * c);
+          if (!saved) {
+            rayleigh_eigenvalues<scalar_t>(R2, rows_to_refine(own + c * c, c), n, tr_b, recovered_shift(), own + c * c);
+          }
 
           gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
           gemm<scalar_t>(false, false, c, c, c, 1, V, c, Q, c, 0, M, c);  // U^T dY U
