@@ -495,14 +495,24 @@ class SequentialBlas {
 #endif
 };
 
-// Calls f(i, j, flat index) over the vectorised triangle in its order, docs/math.md (7)-(8).
+// Calls f(i, j0, j1, idx) for each row i of the vectorised triangle in its order, docs/math.md (7)-(8): its
+// entries (i, j0) .. (i, j1 - 1) sit at flat indices idx .. idx + j1 - j0 - 1.
 template <typename F>
-inline void for_triangle(int64_t c, bool lower, F f) {
+inline void for_triangle_rows(int64_t c, bool lower, F f) {
   int64_t idx = 0;
   for (int64_t i = 0; i < c; ++i) {
     const int64_t j0 = lower ? 0 : i, j1 = lower ? i + 1 : c;
-    for (int64_t j = j0; j < j1; ++j) f(i, j, idx++);
+    f(i, j0, j1, idx);
+    idx += j1 - j0;
   }
+}
+
+// Calls f(i, j, flat index) over the vectorised triangle in its order.
+template <typename F>
+inline void for_triangle(int64_t c, bool lower, F f) {
+  for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
+    for (int64_t j = j0; j < j1; ++j) f(i, j, idx + j - j0);
+  });
 }
 
 // Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
@@ -609,8 +619,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
             mats[gi] = Ab;
           }
           tr_p[b] = static_cast<scalar_t>(trs[gi]);
-          const double tr_b = trs[gi];
-          finite[gi] = std::isfinite(tr_b);
+          finite[gi] = std::isfinite(trs[gi]);
           slot_of[gi] = keep_iterates ? slots + b * slot_n : own_slots.data() + gi * slot_n;
         }
         eigh(g, mats, finite, slot_of);
@@ -728,15 +737,13 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b)), half_root = root * scalar_t(0.5);
         const double grad_out = dot_as_double(g, o, tri);
         double trace_dy = 0;
-        for (int64_t i = 0, idx = 0; i < c; ++i) {
-          const int64_t j0 = lower ? 0 : i, j1 = lower ? i + 1 : c;  // row i's part of the triangle, (7)-(8)
+        for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
           scalar_t* row = dy + i * c;
-          const scalar_t* gi = g + idx - j0;
+          const scalar_t* gi = g + idx - j0;  // gi[j]: the entry (i, j)
           for (int64_t j = j0; j < j1; ++j) row[j] = half_root * gi[j];
           row[i] = root * gi[i];
           trace_dy += row[i];
-          idx += j1 - j0;
-        }
+        });
         mirror(dy, c, lower);
 
         double dA_dot_A = 0;
