@@ -187,24 +187,25 @@ def _iterates_width(c: int, n: int) -> int:
 
 @pytest.mark.parametrize("c", [8, 64, 256])
 def test_route_either_side_of_the_crossover(c):
-    """The Gram route for N <= 15/16 C, keeping V and m of the N x N Gram matrix: N (N + 1) values a sample against
-    the C x C route's C (C + 1); the fake kernel's rule (ext_impl.gram_route) agrees with the C++ one."""
+    """The Gram route for N <= 15/16 C, keeping V and m of the N x N Gram matrix and W (C x N): N (N + 1 + C) values
+    a sample against the C x C route's C (C + 1) and A; the fake kernel's rule (ext_impl.gram_route) agrees with the
+    C++ one."""
     below, above = 15 * c // 16, 15 * c // 16 + 1  # the last N of the Gram route, the first of the C x C one
     assert _ext_impl.gram_route(c, below) and not _ext_impl.gram_route(c, above)
     if below >= 2:
-        assert _iterates_width(c, below) == below * (below + 1) < c * (c + 1)
+        assert _iterates_width(c, below) == below * (below + 1 + c) < c * (c + 1) + c * c
     assert _iterates_width(c, above) == c * (c + 1)
-    assert _iterates_width(c, 2) == 6  # N = 2: the Gram route at any C >= 3
+    assert _iterates_width(c, 2) == 6 + 2 * c  # N = 2: the Gram route at any C >= 3
 
 
 def test_gram_route_keeps_less_at_every_n_below_c():
-    """What the backward keeps of a sample: on the Gram route V and m of M (N (N + 1)) and no A, which its
+    """What the backward keeps of a sample: on the Gram route V and m of M and W (N (N + 1 + C)) and no A, which its
     backward never reads; on the C x C route A (C^2) and U, L (C (C + 1))."""
     c = 40
     for n in range(2, c):
         a, iterates = _saved(c, n)
         if _ext_impl.gram_route(c, n):
-            assert a == 0 and iterates == n * (n + 1), n
+            assert a == 0 and iterates == n * (n + 1 + c), n
         else:
             assert a == c * c and iterates == c * (c + 1), n
         assert a + iterates <= c * c + c * (c + 1), n
@@ -280,7 +281,7 @@ def test_gram_route_opcheck(keep_iterates, weighted):
     args = (x.requires_grad_(), None if w is None else w.requires_grad_(), 3, 1e-7, "3g", keep_iterates, "ieee")
     torch.library.opcheck(fwd.default, args)
     out, A, tr, iterates = fwd(*args)
-    assert iterates.shape == ((2, 20) if keep_iterates else (0,))
+    assert iterates.shape == ((2, 4 * (4 + 1 + 9)) if keep_iterates else (0,))
     w = None if w is None else w.detach()
     torch.library.opcheck(bwd.default, (g, x.detach(), w, out, A, tr, iterates, 3, "3g", "ieee"))
 
@@ -309,7 +310,7 @@ def test_empty_batch(keep_iterates, weighted, c, n):
     w = torch.rand(0, n) if weighted else None
     out, A, tr, iterates = fwd(x, w, 5, 1e-7, "3g", keep_iterates, "ieee")
     gram = _ext_impl.gram_route(c, n)
-    width = (n if gram else c) * ((n if gram else c) + 1)
+    width = n * (n + 1 + c) if gram else c * (c + 1)
     assert out.shape == (0, c * (c + 1) // 2) and A.shape == ((0,) if gram else (0, c, c)) and tr.shape == (0,)
     assert iterates.shape == ((0, width) if keep_iterates else (0,))
     dx, dw = bwd(torch.randn(0, c * (c + 1) // 2), x, w, out, A, tr, iterates, 5, "3g", "ieee")

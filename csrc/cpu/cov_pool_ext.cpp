@@ -20,9 +20,11 @@
 //   forward:  Xc, tr = |Xc|^2 / N + C eps (no C x C product: the op's A output is empty on this route, which
 //             never reads it); M = Xc^T Xc / (N tr); Eigh of M; W = Xc V^T / sqrt(N tr), m refined as |W_i|^2
 //             (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
-//   backward: dY_K (9); GW = dY W, H = W^T GW; q, h, F (26); E of (28) in place of H; <dA, A> (29);
-//             dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
-//   saved (21): per sample [V (N x N, row-major), m (N)], shape (B, N (N + 1)) <= (B, C (C + 1)).
+//   backward: dY_K (9); GW = dY W, H = W^T GW (its lower triangle); q, h, F (26); E of (28) in place of H;
+//             <dA, A> (29); dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
+//   saved (21): per sample [V (N x N, row-major), m (N), W (C x N, row-major)], shape (B, N (N + 1 + C)), below
+//             the C x C route's A and [V, L] (2 C^2 + C) at every N < C; keeping W spares the backward a C N^2
+//             product.
 // Either route's saved state may be empty: the backward then recomputes the eigendecomposition.
 //
 // Samples run in parallel (at::parallel_for over the batch, samples handed out from a shared counter: the forward
@@ -118,6 +120,16 @@ void gemm_lower(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const s
   for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
     const int64_t rows = std::min(kLowerBlock, m - r0);
     gemm<scalar_t>(false, true, rows, r0 + rows, k, alpha, x + r0 * ld, ld, y, ld, 0, c + r0 * ldc, ldc);
+  }
+}
+
+// The lower triangle of c = alpha x^T y (m x m; x and y k x m, row-major), by the blocks of gemm_lower.
+template <typename scalar_t>
+void gemm_lower_tn(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const scalar_t* y, int64_t ld,
+                   scalar_t* c, int64_t ldc) {
+  for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
+    const int64_t rows = std::min(kLowerBlock, m - r0);
+    gemm<scalar_t>(true, false, rows, r0 + rows, k, alpha, x + r0, ld, y, ld, 0, c + r0 * ldc, ldc);
   }
 }
 
@@ -516,7 +528,7 @@ inline void for_triangle(int64_t c, bool lower, F f) {
 }
 
 // Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
-inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1) : c * (c + 1); }
+inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1 + c) : c * (c + 1); }
 
 // The op's A output: (B, C, C) on the C x C route; on the Gram route, whose backward reads only x and the saved
 // state, it is empty (0) and never formed (no C x C product in its forward): docs/math.md (21).
@@ -582,8 +594,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       const int group = static_cast<int>(std::min<int64_t>(eigh.group(), per_thread));
       std::vector<scalar_t> xcs(group * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
       std::vector<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
-      // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W, W diag(q) (C x N)
-      std::vector<scalar_t> work1(gram ? 0 : c * n), work2(c * (gram ? n : c)), work3(gram ? c * n : 0);
+      // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W diag(q) (C x N), W in the slot
+      std::vector<scalar_t> work1(gram ? 0 : c * n), work2(gram ? 0 : c * c), work3(gram ? c * n : 0);
       std::vector<scalar_t> p(c);
       std::vector<double> norms(n);
       GramRecursion recursion;
@@ -632,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           scalar_t* slot = slot_of[gi];
           double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
           if (gram) {
-            scalar_t* W = work2.data();
+            scalar_t* W = slot + n * (n + 1);
             gram_vectors<scalar_t>(xc, c, n, tr_b, slot, W, norms);
             recursion.run(slot + n * n, n, eps / tr_b, iters, false);
             scalar_t* Wq = work3.data();
@@ -706,8 +718,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
       std::vector<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);
-      // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: W, GW, R (C x N), H (N x N), gram (N x N)
-      std::vector<scalar_t> work1(gram ? c * n : c * c), work2(gram ? c * n : c * c), work3(c * n);
+      // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: GW, R (C x N), H (N x N), gram (N x N)
+      std::vector<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
       std::vector<scalar_t> work4(gram ? 0 : c * n);
       std::vector<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
@@ -750,24 +762,21 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         const scalar_t* pp = nullptr;  // dA Xc / dscale
         double dscale = 1;
         if (gram) {
-          scalar_t* W = work1.data();
+          const scalar_t* W = slot + n * (n + 1);  // as the forward kept it, or recomputed here
           scalar_t* GW = work2.data();
           scalar_t* R = work3.data();
           scalar_t* H = work5.data();
-          if (saved) {
-            gemm<scalar_t>(false, true, c, n, n, static_cast<scalar_t>(1.0 / std::sqrt(n * tr_b)), xcp, n, slot, n, 0,
-                           W, n);
-          } else {
+          if (!saved) {
             gram_matrix<scalar_t>(xcp, c, n, tr_b, work6.data());
             eigh[0](work6.data(), std::isfinite(tr_b), own);
-            gram_vectors<scalar_t>(xcp, c, n, tr_b, own, W, norms);
+            gram_vectors<scalar_t>(xcp, c, n, tr_b, own, own + n * (n + 1), norms);
           }
           const scalar_t* m = slot + n * n;
           const double a = recovered_shift();
           recursion.run(m, n, a, iters, true);
           const std::vector<double>&q = recursion.q, &h = recursion.h;
           gemm<scalar_t>(false, false, c, n, c, 1, dy, c, W, n, 0, GW, n);  // dY W
-          gemm<scalar_t>(true, false, n, n, c, 1, W, n, GW, n, 0, H, n);    // W^T dY W
+          gemm_lower_tn<scalar_t>(n, c, 1, W, GW, n, H, n);                  // W^T dY W, its lower triangle
           // <dA, A> = a trace(dA) + trace(W^T dA W), docs/math.md (29), from the diagonal of H before E replaces it.
           double trace_dA = recursion.dpa * trace_dy, inner = 0;
           for (int64_t i = 0; i < n; ++i) {
@@ -775,11 +784,12 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             const double mi = m[i], fii = frow[i], hii = H[i * n + i];
             trace_dA += (2 * h[i] + fii * mi) * hii;
             inner += (q[i] + mi * h[i] + mi * mi * fii) * hii;
-            // E = diag(h) H + (F o H) diag(m), docs/math.md (28), over the row's j <= i and their mirrors
+            // E = diag(h) H + (F o H) diag(m), docs/math.md (28), over the row's j < i and their mirrors, from H's
+            // lower triangle (no entry of it is written before its row is reached)
             for (int64_t j = 0; j < i; ++j) {
-              const double f = frow[j];
-              H[i * n + j] = static_cast<scalar_t>((h[i] + f * m[j]) * H[i * n + j]);
-              H[j * n + i] = static_cast<scalar_t>((h[j] + f * mi) * H[j * n + i]);
+              const double f = frow[j], hij = H[i * n + j];
+              H[i * n + j] = static_cast<scalar_t>((h[i] + f * m[j]) * hij);
+              H[j * n + i] = static_cast<scalar_t>((h[j] + f * mi) * hij);
             }
             H[i * n + i] = static_cast<scalar_t>((h[i] + fii * mi) * hii);
           }

@@ -9,8 +9,9 @@ switches and measurements.
 Saved state ("iterates", keep_iterates=True), per device:
     CPU, C x C spectral route: per sample the eigenvectors V = U^T and eigenvalues of A, (B, C (C + 1));
     CPU, Gram route (gram_route(C, N)): per sample the eigenvectors and eigenvalues of the N x N Gram
-                           matrix, (B, N (N + 1)) (docs/math.md (24)-(29)); the op's A output is empty (0,)
-                           there (its backward reads x and this state only, so no C x C matrix is formed);
+                           matrix and W (C x N), (B, N (N + 1 + C)) (docs/math.md (24)-(29)); the op's A output
+                           is empty (0,) there (its backward reads x and this state only, so no C x C matrix is
+                           formed);
     CUDA (iteration):      (Y_{k-1}, Z_{k-1}, T_k) for k = 2..K, (K - 1, 3, B, C, C) as in the torch backend.
 """
 
@@ -39,8 +40,9 @@ def gram_route(c, n) -> bool:
 
 
 def _cpu_iterates_shape(b, c, n, iters):
-    k = n if gram_route(c, n) else c
-    return (b, k * (k + 1))
+    """What the CPU forward keeps of a sample: [V, L] of A (C (C + 1)), or on the Gram route [V, m] of M and
+    W (N (N + 1 + C))."""
+    return (b, n * (n + 1 + c) if gram_route(c, n) else c * (c + 1))
 
 
 ITERATES_SHAPE = {
