@@ -17,7 +17,8 @@ Switches (environment variables):
     TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
     MAX_JOBS                parallel compile jobs (default: ninja's, CPUs + 2); also caps nvcc's --threads
 
-The sources compile in parallel (ninja): csrc/ops.cpp, csrc/cpu/cov_pool_ext.cpp and, with CUDA,
+The sources compile in parallel (ninja): csrc/ops.cpp, csrc/cpu/*.cpp (the CPU kernels once per instruction
+set: csrc/cpu/cpu_variants.h) and, with CUDA,
 csrc/cuda/cov_pool_ext.cu, whose nvcc job is the longest; nvcc's --threads compiles its architectures
 in parallel (see _nvcc_threads).
 """
@@ -126,7 +127,9 @@ def extension_modules():
     # Imported only now: it reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/cov_pool_ext.cpp"]
+    # The CPU kernels once per instruction set (csrc/cpu/cpu_variants.h): the baseline, x86-64-v3 and x86-64-v4.
+    cpu = ["cov_pool_ext.cpp", "kernels_baseline.cpp", "kernels_x86_64_v3.cpp", "kernels_x86_64_v4.cpp"]
+    sources = ["csrc/ops.cpp"] + [f"csrc/cpu/{name}" for name in cpu]
     cxx, link = ["-O3", "-g0"], []
     import torch
 

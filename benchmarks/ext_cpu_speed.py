@@ -47,7 +47,7 @@ EIGH_C = [32, 64, 96, 128, 160, 192, 256]
 
 
 def spectral_aten(x, weight, grad, iters, eps=1e-7):
-    """The ext backend's CPU math (csrc/cpu/cov_pool_ext.cpp) as unfused batched ATen calls: (out, dx, dw).
+    """The ext backend's CPU math (csrc/cpu/kernels.h) as unfused batched ATen calls: (out, dx, dw).
 
     For measuring what fusing it into per-sample C++ gives; not a backend.
     """
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
 
 @contextlib.contextmanager
 def eigh_solver(name: str):
-    """THREEG_EXT_EIGH=name for the ops started inside (csrc/cpu/cov_pool_ext.cpp reads it per call)."""
+    """THREEG_EXT_EIGH=name for the ops started inside (csrc/cpu/kernels.h reads it per call)."""
     before = os.environ.get("THREEG_EXT_EIGH")
     os.environ["THREEG_EXT_EIGH"] = name
     try:

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace threeg {
 
@@ -25,6 +26,10 @@ inline int64_t triangle_size(int64_t c) { return c * (c + 1) / 2; }
 // The largest matrix the CPU kernels eigendecompose with their own solver rather than LAPACK's syevd, the same
 // for float32 and float64 (csrc/cpu/small_eigh.h; docs/ext.md, "Eigensolver").
 int64_t small_eigh_max();
+
+// The instruction-set variants of the CPU kernels that this build has and this CPU runs, best last
+// (csrc/cpu/cpu_variants.h); THREEG_EXT_ISA picks one of them, the best by default.
+std::vector<std::string> cpu_variants();
 
 // x: (B, C, N) float32/float64 with N >= 2; weight: (B, N) of x's dtype and device, or None.
 inline void check_pool_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,

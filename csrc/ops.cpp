@@ -6,7 +6,8 @@
 //
 // This file is also the Python module `threeg_kernels._C`: importing it loads the library (and with it
 // the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in, `_C.small_eigh_max()`
-// up to which size the CPU kernels use their own eigensolver.
+// up to which size the CPU kernels use their own eigensolver, `_C.cpu_variants()` which instruction-set variants of
+// them this CPU runs.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,10 +37,28 @@ PyObject* small_eigh_max(PyObject*, PyObject*) {
   return Py_BuildValue("{s:L,s:L}", "float32", n, "float64", n);
 }
 
+PyObject* cpu_variants(PyObject*, PyObject*) {
+  const std::vector<std::string> names = threeg::cpu_variants();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(names[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), name);
+  }
+  return list;
+}
+
 PyMethodDef methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "True if the CUDA kernels of the ext backend were compiled in."},
     {"small_eigh_max", small_eigh_max, METH_NOARGS,
      "{dtype name: n}: the CPU kernels eigendecompose n x n matrices up to n with their own solver, above with syevd."},
+    {"cpu_variants", cpu_variants, METH_NOARGS,
+     "The instruction-set variants of the CPU kernels this build has and this CPU runs, best last; the ops run the "
+     "best unless THREEG_EXT_ISA names another."},
     {nullptr, nullptr, 0, nullptr},
 };
 

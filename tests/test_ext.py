@@ -108,6 +108,49 @@ def test_eigensolver_sizes_are_reported():
     assert set(sizes) == {"float32", "float64"} and all(isinstance(v, int) and v >= 64 for v in sizes.values())
 
 
+# --- the CPU kernels compiled once per instruction set (csrc/cpu/cpu_variants.h), THREEG_EXT_ISA -------------
+
+_ISAS = ("baseline", "x86-64-v3", "x86-64-v4")
+
+
+def _cpu_variants():
+    from threeg_kernels import _C
+
+    return _C.cpu_variants()
+
+
+def test_cpu_variants_are_reported():
+    """The variants this build has and this CPU runs, best last: the baseline always."""
+    variants = _cpu_variants()
+    assert variants[0] == "baseline" and variants == [v for v in _ISAS if v in variants]
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [(5, 64, 196), (2, 136, 150), (5, 48, 20), (2, 160, 140)],
+    ids=["cxc-own", "cxc-syevd", "gram-own", "gram-syevd"],
+)
+def test_every_instruction_set_variant(monkeypatch, isa, dtype, shape):
+    """Each variant the CPU runs matches the reference on both routes with either eigensolver (B = 5: a group of
+    four solved together and one alone); one it cannot run is refused, naming it."""
+    monkeypatch.setenv("THREEG_EXT_ISA", isa)
+    x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
+    if isa not in _cpu_variants():
+        with pytest.raises(RuntimeError, match=f"THREEG_EXT_ISA='{isa}' needs a CPU with {isa}"):
+            run_pool("ext", x, w, g, iters=5)
+        return
+    assert_close_to_reference("ext", x, w, g, iters=5)
+
+
+def test_instruction_set_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("THREEG_EXT_ISA", "avx512")
+    x, w, g = make_case(2, 8, 12, weighted=False, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'"):
+        run_pool("ext", x, None, g, iters=5)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -116,14 +159,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("isa", _ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c, n", [(24, 40), (64, 196), (48, 20)], ids=["cxc", "cxc-64", "gram"])
-def test_samples_solved_together_equal_each_alone(one_thread, dtype, c, n):
+def test_samples_solved_together_equal_each_alone(monkeypatch, one_thread, isa, dtype, c, n):
     """The forward solves the eigenproblems of up to four samples together (their QL iterations interleaved, the
     rotations recorded and applied afterwards in column blocks); a sample alone applies each rotation at once.
     Every element goes through the same operations in the same order either way, so the results are equal, bit
-    for bit: B = 7 on one thread is a full group and a partial one, with a non-finite sample inside the latter
-    (NaN there, and only there)."""
+    for bit, in every instruction-set variant: B = 7 on one thread is a full group and a partial one, with a
+    non-finite sample inside the latter (NaN there, and only there)."""
+    if isa not in _cpu_variants():
+        pytest.skip(f"this CPU does not run the {isa} variant (test_every_instruction_set_variant checks the refusal)")
+    monkeypatch.setenv("THREEG_EXT_ISA", isa)
     x, w, g = make_case(7, c, n, weighted=True, dtype=dtype, seed=c)
     x[5, 1, 2] = float("nan")
     whole = run_pool("ext", x, w, g)

@@ -26,11 +26,15 @@
 #include <limits>
 #include <vector>
 
-// Everything is forced inline into the caller, which is compiled once per instruction set (target_clones): the
-// loops then vectorise for AVX-512 / AVX2 where the CPU has them.
+// Part of the CPU kernels (kernels.h), compiled once per instruction set into the variant's namespace: the loops
+// vectorise for AVX-512 / AVX2 where the CPU has them. The hot steps are forced inline into their callers.
+#if !defined(THREEG_CPU_VARIANT) || !defined(THREEG_VECTOR_BYTES)
+#error "small_eigh.h is part of kernels.h, included by a kernels_*.cpp variant (THREEG_CPU_VARIANT, THREEG_VECTOR_BYTES)"
+#endif
 #define THREEG_INLINE inline __attribute__((always_inline))
 
 namespace threeg {
+namespace THREEG_CPU_VARIANT {
 namespace small_eigh_detail {
 
 // Rows are padded to a multiple of 16 elements (one AVX-512 register of float).
@@ -259,8 +263,10 @@ class QLChain {
   }
 
  private:
-  static constexpr int64_t kVector = 64 / sizeof(T);  // elements in one 64-byte vector
-  typedef T Vec __attribute__((vector_size(64)));
+  // One vector register of the variant's instruction set (64 bytes for AVX-512, 32 for AVX2, 16 for SSE2): the
+  // four carried in apply_block<4> and their operands stay in registers on each (wider blocks spill).
+  static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
 
   template <bool Record>
   THREEG_INLINE void end_sweep(int64_t count) {
@@ -392,4 +398,5 @@ class SmallEigh {
   std::vector<small_eigh_detail::QLChain<T>> chains_;
 };
 
+}  // namespace THREEG_CPU_VARIANT
 }  // namespace threeg

@@ -1,7 +1,7 @@
 """The "ext" backend: the compiled extension `threeg_kernels._C` (csrc/), as registered torch ops.
 
 The ops threeg::cov_pool_ext_forward / threeg::cov_pool_ext_backward are declared and implemented in
-C++ (csrc/ops.cpp; kernels in csrc/cpu/cov_pool_ext.cpp and csrc/cuda/cov_pool_ext.cu, whose headers
+C++ (csrc/ops.cpp; kernels in csrc/cpu/kernels.h and csrc/cuda/cov_pool_ext.cu, whose headers
 hold the math). This module registers their fake kernels and autograd formula (the shared contract of
 threeg_kernels/_registration.py) and exposes the backend to the dispatch. docs/ext.md: design, build
 switches and measurements.
@@ -34,7 +34,7 @@ from .. import _C
 
 def gram_route(c, n) -> bool:
     """Whether the CPU kernels take the Gram route for C channels and N positions: N <= 15/16 C, the
-    measured crossover (docs/ext.md, "Routes"). csrc/cpu/cov_pool_ext.cpp (gram_route) decides with the same
+    measured crossover (docs/ext.md, "Routes"). csrc/cpu/kernels.h (gram_route) decides with the same
     rule; written with integer products so that symbolic sizes under torch.compile give a guard, not an error."""
     return 16 * n <= 15 * c
 
