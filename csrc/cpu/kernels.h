@@ -212,7 +212,8 @@ inline EighChoice eigh_choice() {
   return EighChoice::kAuto;
 }
 
-// The eigendecompositions of symmetric n x n matrices `a` (row-major, both triangles) into slot = [V row-major
+// The eigendecompositions of symmetric n x n matrices `a` (row-major; the lower triangle is all syevd reads, the
+// own solver reads both: needs_both_triangles()) into slot = [V row-major
 // (n x n, row i the i-th eigenvector), eigenvalues (n), ascending]: SmallEigh for n <= kSmallEighMax (or as
 // `choice` says), up to group() matrices at once, LAPACK's syevd above it and for any matrix whose QL iteration
 // does not converge. A sample with a non-finite trace (NaN/Inf inputs) gets NaN, as the iteration would give.
@@ -227,6 +228,9 @@ class Eigh {
 
   // How many matrices one call solves together: SmallEigh's group, or 1 where syevd runs (nothing to gain).
   int group() const { return small_.has_value() ? kGroup : 1; }
+
+  // Whether `a` must hold both triangles (the own solver), or only the lower one (syevd).
+  bool needs_both_triangles() const { return small_.has_value(); }
 
   // For j < g <= group(): a[j] into slot[j], NaN where finite[j] is false.
   void operator()(int g, const scalar_t* const* a, const bool* finite, scalar_t* const* slot) {
@@ -263,13 +267,14 @@ class Eigh {
     if (work_.empty()) {
       scalar_t work_size = 0, a0 = 0, l0 = 0;
       int iwork_size = 0;
-      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, &a0, n, &l0, &work_size, -1, nullptr, 0, &iwork_size,
+      at::native::lapackSyevd<scalar_t, scalar_t>('V', 'U', n, &a0, n, &l0, &work_size, -1, nullptr, 0, &iwork_size,
                                                   -1, &info);
       work_.resize(std::max<int64_t>(1, static_cast<int64_t>(work_size)));
       iwork_.resize(std::max(1, iwork_size));
     }
-    std::copy(a, a + n_ * n_, slot);  // symmetric: row-major reads as column-major
-    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'L', n, slot, n, slot + n_ * n_, work_.data(),
+    // Row-major `a` read as column-major is a^T: its upper triangle ('U') is a's lower one.
+    std::copy(a, a + n_ * n_, slot);
+    at::native::lapackSyevd<scalar_t, scalar_t>('V', 'U', n, slot, n, slot + n_ * n_, work_.data(),
                                                 static_cast<int>(work_.size()), nullptr, 0, iwork_.data(),
                                                 static_cast<int>(iwork_.size()), &info);
     return info == 0;
@@ -494,10 +499,12 @@ inline std::vector<int64_t> A_shape(int64_t b, int64_t c, int64_t n) {
   return gram_route(c, n) ? std::vector<int64_t>{0} : std::vector<int64_t>{b, c, c};
 }
 
-// The Gram matrix of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N).
+// The Gram matrix of one sample, docs/math.md (24): M = Xc^T Xc / (N tr) into `gram` (N x N): its lower triangle,
+// mirrored when the eigensolver reads both (Eigh::needs_both_triangles).
 template <typename scalar_t>
-void gram_matrix(const scalar_t* xc, int64_t c, int64_t n, double tr_b, scalar_t* gram) {
-  gemm<scalar_t>(true, false, n, n, c, static_cast<scalar_t>(1.0 / (n * tr_b)), xc, n, xc, n, 0, gram, n);
+void gram_matrix(const scalar_t* xc, int64_t c, int64_t n, double tr_b, bool both_triangles, scalar_t* gram) {
+  gemm_lower_tn<scalar_t>(n, c, static_cast<scalar_t>(1.0 / (n * tr_b)), xc, xc, n, gram, n);
+  if (both_triangles) mirror(gram, n, true);
 }
 
 // With M's eigendecomposition in slot = [V (N x N), m (N)]: W = Xc V^T / sqrt(N tr) and m_i = |W_i|^2, the
@@ -570,7 +577,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           if (gram) {  // trace(Xc Xc^T) = |Xc|^2; M, not A, is what the route decomposes
             const double tr_b = sum_as_double<true>(xc, c * n) / n + c * eps;
             trs[gi] = tr_b;
-            gram_matrix<scalar_t>(xc, c, n, tr_b, grams.data() + gi * n * n);
+            gram_matrix<scalar_t>(xc, c, n, tr_b, eigh.needs_both_triangles(), grams.data() + gi * n * n);
             mats[gi] = grams.data() + gi * n * n;
           } else {
             scalar_t* P = prod.data();
@@ -725,7 +732,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           scalar_t* R = work3.data();
           scalar_t* H = work5.data();
           if (!saved) {
-            gram_matrix<scalar_t>(xcp, c, n, tr_b, work6.data());
+            gram_matrix<scalar_t>(xcp, c, n, tr_b, eigh[0].needs_both_triangles(), work6.data());
             eigh[0](work6.data(), std::isfinite(tr_b), own);
             gram_vectors<scalar_t>(xcp, c, n, tr_b, own, own + n * (n + 1), norms);
           }
