@@ -96,10 +96,17 @@ def test_either_eigensolver_at_any_size(monkeypatch, solver, dtype, shape):
     assert_close_to_reference("ext", x, w, g, iters=5)
 
 
-def test_eigensolver_switch_rejects_unknown_values(monkeypatch):
-    monkeypatch.setenv("THREEG_EXT_EIGH", "jacobi")
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("THREEG_EXT_EIGH", "jacobi", "THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got 'jacobi'"),
+        ("THREEG_EXT_ISA", "avx512", "THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'; got 'avx"),
+    ],
+)
+def test_kernel_switches_reject_unknown_values(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
     x, w, g = make_case(2, 8, 12, weighted=False, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got 'jacobi'"):
+    with pytest.raises(RuntimeError, match=message):
         run_pool("ext", x, None, g, iters=5)
 
 
@@ -142,13 +149,6 @@ def test_every_instruction_set_variant(monkeypatch, isa, dtype, shape):
             run_pool("ext", x, w, g, iters=5)
         return
     assert_close_to_reference("ext", x, w, g, iters=5)
-
-
-def test_instruction_set_switch_rejects_unknown_values(monkeypatch):
-    monkeypatch.setenv("THREEG_EXT_ISA", "avx512")
-    x, w, g = make_case(2, 8, 12, weighted=False, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'"):
-        run_pool("ext", x, None, g, iters=5)
 
 
 @pytest.fixture
