@@ -8,7 +8,10 @@ recompute, CUDA) are in tests/test_backends.py.
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -139,16 +142,44 @@ def test_cpu_variants_are_reported():
     [(5, 64, 196), (2, 136, 150), (5, 48, 20), (2, 160, 140)],
     ids=["cxc-own", "cxc-syevd", "gram-own", "gram-syevd"],
 )
-def test_every_instruction_set_variant(monkeypatch, isa, dtype, shape):
-    """Each variant the CPU runs matches the reference on both routes with either eigensolver (B = 5: a group of
-    four solved together and one alone); one it cannot run is refused, naming it."""
+@pytest.mark.parametrize("keep_iterates", [True, False], ids=["keep", "recompute"])
+def test_every_instruction_set_variant(monkeypatch, one_thread, isa, dtype, shape, keep_iterates):
+    """Each variant the CPU runs matches the reference on both routes with either eigensolver, its saved state kept
+    or recomputed in the backward (B = 5 on one thread: a group of four solved together and one alone; N > 128 on
+    the syevd cases, where M, H and Y are formed by block rows below the diagonal); one it cannot run is refused,
+    naming it."""
     monkeypatch.setenv("THREEG_EXT_ISA", isa)
     x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
     if isa not in _cpu_variants():
         with pytest.raises(RuntimeError, match=f"THREEG_EXT_ISA='{isa}' needs a CPU with {isa}"):
-            run_pool("ext", x, w, g, iters=5)
+            run_pool("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
         return
-    assert_close_to_reference("ext", x, w, g, iters=5)
+    assert_close_to_reference("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the variants are x86-64 builds")
+def test_no_avx_instruction_outside_the_variants():
+    """Only the v3 / v4 variants' own code may use AVX (VEX or EVEX encoded) instructions: a function of torch or
+    the standard library instantiated under their target and linked in for every caller would fault on a CPU
+    without them. Reads the built library's disassembly (objdump, part of the toolchain that built it)."""
+    from threeg_kernels import _C
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed here")
+    listing = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    function, outside, inside = None, set(), set()
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function is not None and re.search(r"\tv[a-z0-9]+\s", line):
+            (inside if "::cpu_x86_64_v" in function else outside).add(function)
+    assert not outside, sorted(outside)[:10]
+    if len(_cpu_variants()) > 1:
+        assert inside, "the x86-64-v3/v4 variants were built but none of their code uses AVX"
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ CpuVariant chosen_variant() {
     return static_cast<CpuVariant>(v);
   }
   TORCH_CHECK(false, "THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'; got '", s, "'");
+  return CpuVariant::kBaseline;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,

@@ -185,12 +185,11 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   }
 }
 
-void small_eigh(SmallEigh<float>& e, int g, const float* const* a, float* const* v, float* const* l,
-                               bool* ok) {
+void small_eigh(SmallEigh<float>& e, int g, const float* const* a, float* const* v, float* const* l, bool* ok) {
   e(g, a, v, l, ok);
 }
-void small_eigh(SmallEigh<double>& e, int g, const double* const* a, double* const* v,
-                               double* const* l, bool* ok) {
+void small_eigh(SmallEigh<double>& e, int g, const double* const* a, double* const* v, double* const* l,
+                bool* ok) {
   e(g, a, v, l, ok);
 }
 
