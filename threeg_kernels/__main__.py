@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -25,6 +26,10 @@ def main() -> None:
         from threeg_kernels import _C
 
         print(f"compiled extension threeg_kernels._C: CUDA kernels {'built' if _C.cuda_built() else 'not built'}")
+        variants = _C.cpu_variants()
+        isa = os.environ.get("THREEG_EXT_ISA", "auto") or "auto"
+        running = variants[-1] if isa == "auto" else isa
+        print(f"  CPU kernels: {running} (this CPU runs {', '.join(variants)}; THREEG_EXT_ISA={isa})")
     except ImportError as exc:
         print(f"compiled extension threeg_kernels._C: not built ({exc})")
     devices = [torch.device("cpu")]
