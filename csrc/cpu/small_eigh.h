@@ -85,6 +85,38 @@ THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// S <- S - ui w^T - wi u^T on one row (step k's rank-2 update of the trailing block, row by row).
+template <typename T>
+THREEG_INLINE void update_row(T* __restrict row, const T* __restrict u, const T* __restrict w, T ui, T wi,
+                              int64_t j0, int64_t ld) {
+  for (int64_t j = j0; j < ld; ++j) row[j] -= ui * w[j] + wi * u[j];
+}
+
+// Four trailing rows r0 .. r3 (stride ld) brought up to date by the previous step's update (up, wp: their entries of
+// u and w) and added into out with the coefficients c, in one pass: the update and the product of the next step
+// would otherwise read the trailing block twice a step.
+template <typename T>
+THREEG_INLINE void fused_rows(T* __restrict r0, int64_t ld, const T* __restrict u, const T* __restrict w,
+                              const T* __restrict c, const T* __restrict up, const T* __restrict wp, T* __restrict out,
+                              int64_t j0, int64_t len) {
+  T* __restrict r1 = r0 + ld;
+  T* __restrict r2 = r1 + ld;
+  T* __restrict r3 = r2 + ld;
+  const T u0 = up[0], u1 = up[1], u2 = up[2], u3 = up[3];
+  const T w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
+  const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+  for (int64_t j = j0; j < len; ++j) {
+    const T uj = u[j], wj = w[j];
+    const T y0 = r0[j] - (u0 * wj + w0 * uj), y1 = r1[j] - (u1 * wj + w1 * uj);
+    const T y2 = r2[j] - (u2 * wj + w2 * uj), y3 = r3[j] - (u3 * wj + w3 * uj);
+    r0[j] = y0;
+    r1[j] = y1;
+    r2[j] = y2;
+    r3[j] = y3;
+    out[j] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3);
+  }
+}
+
 // Householder tridiagonalisation A = Q T Q^T (the lower-triangle convention of LAPACK's sytrd): reflector k,
 // H_k = I - tau_k u u^T with u = (0 .. 0, 1, v) starting at row k + 1, maps row k's part right of the diagonal
 // onto e_k times the first unit vector. Both triangles of the trailing block are kept, so row k is column k and
@@ -92,18 +124,30 @@ THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
 // the updates run from the vector-aligned column at or left of k + 1 to ld, where u and w are zero outside
 // k + 1 .. n - 1, so no loop has a scalar remainder. d, e: T's diagonal and off-diagonal (e[k] couples k and
 // k + 1); row k of `a` keeps u right of position k, tau[k] the scalar; p, u, w: scratch of ld.
+//
+// Step k's product p = tau S u needs the trailing rows as step k - 1's rank-2 update leaves them: the update is
+// applied to row k first (its reflector comes from it), then to the other rows in the pass that forms p
+// (fused_rows), the update left pending until then. The same operations in the same order as an update pass
+// followed by a product pass, so the results are equal bit for bit (one pass reads the trailing block once).
 template <typename T>
 THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* tau, T* p, T* u, T* w) {
   std::fill(u, u + ld, T(0));
   std::fill(w, w + ld, T(0));
+  bool pending = false;  // step k - 1's (u, w) not yet applied to rows k ..
   for (int64_t k = 0; k + 2 < n; ++k) {
     T* x = a + k * ld;  // row k = column k
+    const int64_t j0 = (k + 1) / kLanes * kLanes;  // rows below k are read from column k + 1 on, row k from k
+    if (pending) update_row(x, u, w, u[k], w[k], k / kLanes * kLanes, ld);
     d[k] = x[k];
     const T alpha = x[k + 1];
     const T sigma = dot(x + k + 2, x + k + 2, n - k - 2);
-    if (sigma == T(0)) {  // already tridiagonal in this column: no reflection
+    if (sigma == T(0)) {  // already tridiagonal in this column: no reflection; the trailing rows catch up
       tau[k] = 0;
       e[k] = alpha;
+      if (pending) {
+        for (int64_t i = k + 1; i < n; ++i) update_row(a + i * ld, u, w, u[i], w[i], j0, ld);
+      }
+      pending = false;
       continue;
     }
     const T norm = std::sqrt(alpha * alpha + sigma);
@@ -114,19 +158,31 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
     for (int64_t j = k + 2; j < n; ++j) x[j] *= scale;
     tau[k] = t;
     e[k] = beta;
-    const int64_t j0 = (k + 1) / kLanes * kLanes, len = ld - j0;
+    // p = tau S u over the trailing rows (columns left of k + 1 get values never read); u is row k right of k
+    std::fill(p + j0, p + ld, T(0));
+    int64_t i = k + 1;
+    if (pending) {
+      for (; i + 4 <= n; i += 4) {
+        const T c[4] = {t * x[i], t * x[i + 1], t * x[i + 2], t * x[i + 3]};
+        fused_rows(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
+      }
+      for (; i < n; ++i) {
+        update_row(a + i * ld, u, w, u[i], w[i], j0, ld);
+        axpy(t * x[i], a + i * ld + j0, p + j0, ld - j0);
+      }
+    } else {
+      sum_rows(a + (k + 1) * ld + j0, ld, x + k + 1, t, n - k - 1, ld - j0, p + j0);
+    }
     u[k] = 0;
     std::copy(x + k + 1, x + n, u + k + 1);
-    // p = tau S u over the trailing rows (columns left of k + 1 get values never read)
-    sum_rows(a + (k + 1) * ld + j0, ld, u + k + 1, t, n - k - 1, len, p + j0);
     const T half = T(0.5) * t * dot(p + k + 1, u + k + 1, n - k - 1);
     for (int64_t j = k + 1; j < n; ++j) w[j] = p[j] - half * u[j];
     for (int64_t j = j0; j <= k; ++j) w[j] = 0;
-    for (int64_t i = k + 1; i < n; ++i) {  // S <- S - u w^T - w u^T
-      T* row = a + i * ld;
-      const T ui = u[i], wi = w[i];
-      for (int64_t j = j0; j < ld; ++j) row[j] -= ui * w[j] + wi * u[j];
-    }
+    pending = true;
+  }
+  if (pending) {  // the last step's update of the two rows left, read from column n - 2 on
+    const int64_t j0 = (n - 2) / kLanes * kLanes;
+    for (int64_t i = n - 2; i < n; ++i) update_row(a + i * ld, u, w, u[i], w[i], j0, ld);
   }
   if (n >= 2) {
     d[n - 2] = a[(n - 2) * ld + n - 2];
