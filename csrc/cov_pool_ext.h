@@ -31,6 +31,9 @@ int64_t small_eigh_max();
 // (csrc/cpu/cpu_variants.h); THREEG_EXT_ISA picks one of them, the best by default.
 std::vector<std::string> cpu_variants();
 
+// The variant the ops call now: THREEG_EXT_ISA's, or the best (raises as the ops do for a value they refuse).
+std::string cpu_variant();
+
 // x: (B, C, N) float32/float64 with N >= 2; weight: (B, N) of x's dtype and device, or None.
 inline void check_pool_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               c10::DeviceType device) {

@@ -7,7 +7,7 @@
 // This file is also the Python module `threeg_kernels._C`: importing it loads the library (and with it
 // the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in, `_C.small_eigh_max()`
 // up to which size the CPU kernels use their own eigensolver, `_C.cpu_variants()` which instruction-set variants of
-// them this CPU runs.
+// them this CPU runs and `_C.cpu_variant()` the one the ops call.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -52,6 +52,15 @@ PyObject* cpu_variants(PyObject*, PyObject*) {
   return list;
 }
 
+PyObject* cpu_variant(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(threeg::cpu_variant().c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cuda_built", cuda_built, METH_NOARGS, "True if the CUDA kernels of the ext backend were compiled in."},
     {"small_eigh_max", small_eigh_max, METH_NOARGS,
@@ -59,6 +68,8 @@ PyMethodDef methods[] = {
     {"cpu_variants", cpu_variants, METH_NOARGS,
      "The instruction-set variants of the CPU kernels this build has and this CPU runs, best last; the ops run the "
      "best unless THREEG_EXT_ISA names another."},
+    {"cpu_variant", cpu_variant, METH_NOARGS,
+     "The variant the ops call now: the one THREEG_EXT_ISA names, or the best; RuntimeError where the ops would raise."},
     {nullptr, nullptr, 0, nullptr},
 };
 

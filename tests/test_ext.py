@@ -129,10 +129,17 @@ def _cpu_variants():
     return _C.cpu_variants()
 
 
-def test_cpu_variants_are_reported():
-    """The variants this build has and this CPU runs, best last: the baseline always."""
+def test_cpu_variants_are_reported(monkeypatch):
+    """The variants this build has and this CPU runs, best last: the baseline always; unset (or 'auto'), the ops
+    call the best."""
+    from threeg_kernels import _C
+
     variants = _cpu_variants()
     assert variants[0] == "baseline" and variants == [v for v in _ISAS if v in variants]
+    monkeypatch.delenv("THREEG_EXT_ISA", raising=False)
+    assert _C.cpu_variant() == variants[-1]
+    monkeypatch.setenv("THREEG_EXT_ISA", "auto")
+    assert _C.cpu_variant() == variants[-1]
 
 
 @pytest.mark.parametrize("isa", _ISAS)
@@ -148,12 +155,16 @@ def test_every_instruction_set_variant(monkeypatch, one_thread, isa, dtype, shap
     or recomputed in the backward (B = 5 on one thread: a group of four solved together and one alone; N > 128 on
     the syevd cases, where M, H and Y are formed by block rows below the diagonal); one it cannot run is refused,
     naming it."""
+    from threeg_kernels import _C
+
     monkeypatch.setenv("THREEG_EXT_ISA", isa)
     x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
     if isa not in _cpu_variants():
-        with pytest.raises(RuntimeError, match=f"THREEG_EXT_ISA='{isa}' needs a CPU with {isa}"):
-            run_pool("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
+        for call in (_C.cpu_variant, lambda: run_pool("ext", x, w, g, iters=5, keep_iterates=keep_iterates)):
+            with pytest.raises(RuntimeError, match=f"THREEG_EXT_ISA='{isa}' needs a CPU with {isa}"):
+                call()
         return
+    assert _C.cpu_variant() == isa
     assert_close_to_reference("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
 
 

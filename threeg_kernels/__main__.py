@@ -26,10 +26,12 @@ def main() -> None:
         from threeg_kernels import _C
 
         print(f"compiled extension threeg_kernels._C: CUDA kernels {'built' if _C.cuda_built() else 'not built'}")
-        variants = _C.cpu_variants()
-        isa = os.environ.get("THREEG_EXT_ISA", "auto") or "auto"
-        running = variants[-1] if isa == "auto" else isa
-        print(f"  CPU kernels: {running} (this CPU runs {', '.join(variants)}; THREEG_EXT_ISA={isa})")
+        try:
+            running = _C.cpu_variant()
+        except RuntimeError as exc:  # THREEG_EXT_ISA names one the ops refuse: say why, as they would
+            running = f"none ({exc})"
+        isa = os.environ.get("THREEG_EXT_ISA") or "auto"
+        print(f"  CPU kernels: {running} (this CPU runs {', '.join(_C.cpu_variants())}; THREEG_EXT_ISA={isa})")
     except ImportError as exc:
         print(f"compiled extension threeg_kernels._C: not built ({exc})")
     devices = [torch.device("cpu")]

@@ -14,38 +14,52 @@
 namespace threeg {
 namespace {
 
-enum class CpuVariant { kBaseline = 0, kV3 = 1, kV4 = 2 };
-constexpr const char* kVariantNames[] = {"baseline", "x86-64-v3", "x86-64-v4"};
+// A variant's entry points (cpu_variants.h), by name.
+struct Variant {
+  const char* name;
+  decltype(&cpu_baseline::forward) forward;
+  decltype(&cpu_baseline::backward) backward;
+};
 
-// The best variant this build has and this CPU runs (asked once).
-CpuVariant best_variant() {
+// Every variant this build has, in order of instruction set (each runs where the next one's CPU does).
+constexpr Variant kVariants[] = {
+    {"baseline", &cpu_baseline::forward, &cpu_baseline::backward},
 #if THREEG_X86_VARIANTS
-  static const CpuVariant best = [] {
+    {"x86-64-v3", &cpu_x86_64_v3::forward, &cpu_x86_64_v3::backward},
+    {"x86-64-v4", &cpu_x86_64_v4::forward, &cpu_x86_64_v4::backward},
+#endif
+};
+constexpr int kBuilt = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
+
+// How many of kVariants this CPU runs (asked once): the best one is the last of them.
+int runnable() {
+#if THREEG_X86_VARIANTS
+  static const int count = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return CpuVariant::kV4;
-    if (__builtin_cpu_supports("x86-64-v3")) return CpuVariant::kV3;
-    return CpuVariant::kBaseline;
+    if (__builtin_cpu_supports("x86-64-v4")) return 3;
+    if (__builtin_cpu_supports("x86-64-v3")) return 2;
+    return 1;
   }();
-  return best;
+  return count;
 #else
-  return CpuVariant::kBaseline;
+  return kBuilt;
 #endif
 }
 
-// THREEG_EXT_ISA, read at every call (a getenv: no measurable cost) so that a test can run each variant.
-CpuVariant chosen_variant() {
+// The variant the ops call: THREEG_EXT_ISA, read at every call (a getenv: no measurable cost) so that a test can run
+// each variant, or the best this CPU runs.
+const Variant& chosen() {
   const char* env = std::getenv("THREEG_EXT_ISA");
   const std::string s = env ? env : "";
-  if (s.empty() || s == "auto") return best_variant();
-  for (int v = 0; v < 3; ++v) {
-    if (s != kVariantNames[v]) continue;
-    TORCH_CHECK(v <= static_cast<int>(best_variant()), "THREEG_EXT_ISA='", s, "' needs a CPU with ", s,
-                " and a build that compiled it; this one runs up to '",
-                kVariantNames[static_cast<int>(best_variant())], "'");
-    return static_cast<CpuVariant>(v);
+  if (s.empty() || s == "auto") return kVariants[runnable() - 1];
+  for (int v = 0; v < runnable(); ++v) {
+    if (s == kVariants[v].name) return kVariants[v];
   }
+  TORCH_CHECK(s != "baseline" && s != "x86-64-v3" && s != "x86-64-v4",
+              "THREEG_EXT_ISA='", s, "' needs a CPU with ", s, " and a build that compiled it; this one runs up to '",
+              kVariants[runnable() - 1].name, "'");
   TORCH_CHECK(false, "THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'; got '", s, "'");
-  return CpuVariant::kBaseline;
+  return kVariants[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
@@ -53,16 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at:
                                                                        int64_t iters, double eps,
                                                                        c10::string_view order, bool keep_iterates,
                                                                        c10::string_view precision) {
-  switch (chosen_variant()) {
-#if THREEG_X86_VARIANTS
-    case CpuVariant::kV4:
-      return cpu_x86_64_v4::forward(x, weight, iters, eps, order, keep_iterates, precision);
-    case CpuVariant::kV3:
-      return cpu_x86_64_v3::forward(x, weight, iters, eps, order, keep_iterates, precision);
-#endif
-    default:
-      return cpu_baseline::forward(x, weight, iters, eps, order, keep_iterates, precision);
-  }
+  return chosen().forward(x, weight, iters, eps, order, keep_iterates, precision);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
@@ -70,16 +75,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
                                                 const at::Tensor& A, const at::Tensor& tr,
                                                 const at::Tensor& iterates, int64_t iters, c10::string_view order,
                                                 c10::string_view precision) {
-  switch (chosen_variant()) {
-#if THREEG_X86_VARIANTS
-    case CpuVariant::kV4:
-      return cpu_x86_64_v4::backward(grad, x, weight, out, A, tr, iterates, iters, order, precision);
-    case CpuVariant::kV3:
-      return cpu_x86_64_v3::backward(grad, x, weight, out, A, tr, iterates, iters, order, precision);
-#endif
-    default:
-      return cpu_baseline::backward(grad, x, weight, out, A, tr, iterates, iters, order, precision);
-  }
+  return chosen().backward(grad, x, weight, out, A, tr, iterates, iters, order, precision);
 }
 
 }  // namespace
@@ -88,9 +84,11 @@ int64_t small_eigh_max() { return cpu_baseline::small_eigh_max(); }
 
 std::vector<std::string> cpu_variants() {
   std::vector<std::string> names;
-  for (int v = 0; v <= static_cast<int>(best_variant()); ++v) names.emplace_back(kVariantNames[v]);
+  for (int v = 0; v < runnable(); ++v) names.emplace_back(kVariants[v].name);
   return names;
 }
+
+std::string cpu_variant() { return chosen().name; }
 
 }  // namespace threeg
 

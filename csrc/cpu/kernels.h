@@ -185,6 +185,8 @@ void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, sca
   }
 }
 
+// SmallEigh's call, one function per dtype: its steps are forced inline (small_eigh.h) into these, not into Eigh's
+// callers.
 void small_eigh(SmallEigh<float>& e, int g, const float* const* a, float* const* v, float* const* l, bool* ok) {
   e(g, a, v, l, ok);
 }
