@@ -71,49 +71,83 @@ THREEG_INLINE void sum_rows(const T* __restrict rows_p, int64_t ld, const T* __r
   for (; j < rows; ++j) axpy(alpha * coef[j], rows_p + j * ld, out, n);
 }
 
+// x . y in vector registers (two accumulators), their lanes summed pairwise, the last n mod kVector products in
+// four partial sums: four scalar chains run at a quarter of one vector register's throughput (per step of the
+// tridiagonalisation, its two products of length n - k took as long as the whole update of the trailing block).
 template <typename T>
 THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // four chains: one is latency-bound
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
+  Vec s0 = {}, s1 = {};
   int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    s0 += x[k] * y[k];
-    s1 += x[k + 1] * y[k + 1];
-    s2 += x[k + 2] * y[k + 2];
-    s3 += x[k + 3] * y[k + 3];
+  for (; k + 2 * kVector <= n; k += 2 * kVector) {
+    Vec x0, y0, x1, y1;
+    __builtin_memcpy(&x0, x + k, sizeof(Vec));
+    __builtin_memcpy(&y0, y + k, sizeof(Vec));
+    __builtin_memcpy(&x1, x + k + kVector, sizeof(Vec));
+    __builtin_memcpy(&y1, y + k + kVector, sizeof(Vec));
+    s0 += x0 * y0;
+    s1 += x1 * y1;
   }
-  for (; k < n; ++k) s0 += x[k] * y[k];
-  return (s0 + s1) + (s2 + s3);
+  if (k + kVector <= n) {
+    Vec x0, y0;
+    __builtin_memcpy(&x0, x + k, sizeof(Vec));
+    __builtin_memcpy(&y0, y + k, sizeof(Vec));
+    s0 += x0 * y0;
+    k += kVector;
+  }
+  T lanes[kVector];
+  s0 += s1;
+  __builtin_memcpy(lanes, &s0, sizeof(Vec));
+  for (int64_t h = kVector / 2; h >= 1; h /= 2)
+    for (int64_t i = 0; i < h; ++i) lanes[i] += lanes[i + h];
+  T t[4] = {lanes[0], 0, 0, 0};
+  for (int64_t i = 0; k < n; ++k, ++i) t[i & 3] += x[k] * y[k];
+  return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
 // S <- S - ui w^T - wi u^T on one row (step k's rank-2 update of the trailing block, row by row).
 template <typename T>
 THREEG_INLINE void update_row(T* __restrict row, const T* __restrict u, const T* __restrict w, T ui, T wi,
                               int64_t j0, int64_t ld) {
-  for (int64_t j = j0; j < ld; ++j) row[j] -= ui * w[j] + wi * u[j];
+  for (int64_t j = j0; j < ld; ++j) row[j] = (row[j] - ui * w[j]) - wi * u[j];  // two fused multiply-adds
 }
 
-// Four trailing rows r0 .. r3 (stride ld) brought up to date by the previous step's update (up, wp: their entries of
-// u and w) and added into out with the coefficients c, in one pass: the update and the product of the next step
-// would otherwise read the trailing block twice a step.
-template <typename T>
+// kRows trailing rows from r0 (stride ld) brought up to date by the previous step's update (up, wp: their
+// entries of u and w) and added into out with the coefficients c, in one pass: the update and the product of the
+// next step would otherwise read the trailing block twice a step. Written as chains of fused multiply-adds (three a
+// row). The tridiagonalisation passes eight rows at once where AVX-512's 32 registers hold their 24 coefficients
+// (out read and written once per eight rows), four with AVX2 / SSE2, and the rest in fewer.
+constexpr int kFusedRows = THREEG_VECTOR_BYTES == 64 ? 8 : 4;
+
+template <int kRows, typename T>
 THREEG_INLINE void fused_rows(T* __restrict r0, int64_t ld, const T* __restrict u, const T* __restrict w,
                               const T* __restrict c, const T* __restrict up, const T* __restrict wp, T* __restrict out,
                               int64_t j0, int64_t len) {
-  T* __restrict r1 = r0 + ld;
-  T* __restrict r2 = r1 + ld;
-  T* __restrict r3 = r2 + ld;
-  const T u0 = up[0], u1 = up[1], u2 = up[2], u3 = up[3];
-  const T w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3];
-  const T c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  for (int64_t j = j0; j < len; ++j) {
-    const T uj = u[j], wj = w[j];
-    const T y0 = r0[j] - (u0 * wj + w0 * uj), y1 = r1[j] - (u1 * wj + w1 * uj);
-    const T y2 = r2[j] - (u2 * wj + w2 * uj), y3 = r3[j] - (u3 * wj + w3 * uj);
-    r0[j] = y0;
-    r1[j] = y1;
-    r2[j] = y2;
-    r3[j] = y3;
-    out[j] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3);
+  T ur[kRows], wr[kRows], cr[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    ur[r] = up[r];
+    wr[r] = wp[r];
+    cr[r] = c[r];
+  }
+  // j0 and len are multiples of kLanes, so of the vector width: the loop runs in whole vectors (the rows may alias
+  // for all the compiler knows, so it would not vectorise this loop itself).
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
+  for (int64_t j = j0; j < len; j += kVector) {
+    Vec uj, wj, o;
+    __builtin_memcpy(&uj, u + j, sizeof(Vec));
+    __builtin_memcpy(&wj, w + j, sizeof(Vec));
+    __builtin_memcpy(&o, out + j, sizeof(Vec));
+    for (int r = 0; r < kRows; ++r) {
+      T* row = r0 + r * ld + j;
+      Vec y;
+      __builtin_memcpy(&y, row, sizeof(Vec));
+      y = (y - ur[r] * wj) - wr[r] * uj;
+      __builtin_memcpy(row, &y, sizeof(Vec));
+      o += cr[r] * y;
+    }
+    __builtin_memcpy(out + j, &o, sizeof(Vec));
   }
 }
 
@@ -162,13 +196,18 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
     std::fill(p + j0, p + ld, T(0));
     int64_t i = k + 1;
     if (pending) {
-      for (; i + 4 <= n; i += 4) {
-        const T c[4] = {t * x[i], t * x[i + 1], t * x[i + 2], t * x[i + 3]};
-        fused_rows(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
+      T c[kFusedRows];
+      for (; i + kFusedRows <= n; i += kFusedRows) {
+        for (int r = 0; r < kFusedRows; ++r) c[r] = t * x[i + r];
+        fused_rows<kFusedRows>(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
       }
-      for (; i < n; ++i) {
-        update_row(a + i * ld, u, w, u[i], w[i], j0, ld);
-        axpy(t * x[i], a + i * ld + j0, p + j0, ld - j0);
+      for (int rows = kFusedRows / 2; rows >= 1; rows /= 2) {
+        if (i + rows > n) continue;
+        for (int r = 0; r < rows; ++r) c[r] = t * x[i + r];
+        if (rows == 4) fused_rows<4>(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
+        if (rows == 2) fused_rows<2>(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
+        if (rows == 1) fused_rows<1>(a + i * ld, ld, u, w, c, u + i, w + i, p, j0, ld);
+        i += rows;
       }
     } else {
       sum_rows(a + (k + 1) * ld + j0, ld, x + k + 1, t, n - k - 1, ld - j0, p + j0);
@@ -192,22 +231,71 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
   e[n - 1] = 0;
 }
 
-// Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3}
-// accumulated from the last, Q <- H_k Q on rows k + 1 .., then transposed. Columns left of k + 1 of those rows
-// are zero at step k, so the aligned start adds zeros. q: n x ld scratch; u, y: ld scratch.
-// (Forming Q^T row by row instead, M <- M H_k, needs a dot product per row before its update: 4x slower at
-// n = 64 to 128.)
+// Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3},
+// accumulated from the last in blocks of kReflectors, Q <- H_k0 ... H_k1 Q = (I - Y S Y^T) Q on rows k0 + 1 ..
+// (Y's columns the block's u, S upper triangular: LAPACK's larft, forward), then transposed. Column block by column
+// block of one vector register each, Y^T Q is summed in registers over the rows, S applied there, and the rows
+// updated in a second pass while the column block is still in the L1 cache: kReflectors products per element
+// loaded, where one reflector at a time makes two passes per reflector, each with one product per element (3 to 5
+// times slower at n = 64 to 128). Columns left of k0 + 1 of those rows are zero, so the aligned start adds zeros.
+// q: n x ld scratch; yt: kReflectors x ld scratch (the block's Y^T).
+constexpr int kReflectors = 8;  // 8 sums and their operands fit the 16 vector registers of AVX2 / SSE2
+
 template <typename T>
-THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* u, T* y, T* qt) {
+THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* yt, T* qt) {
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
   std::fill(q, q + n * ld, T(0));
   for (int64_t i = 0; i < n; ++i) q[i * ld + i] = 1;
-  for (int64_t k = n - 3; k >= 0; --k) {
-    if (tau[k] == T(0)) continue;
-    const T* x = a + k * ld;
-    const int64_t j0 = (k + 1) / kLanes * kLanes, len = ld - j0;
-    std::copy(x + k + 1, x + n, u + k + 1);
-    sum_rows(q + (k + 1) * ld + j0, ld, u + k + 1, T(1), n - k - 1, len, y + j0);  // y^T = u^T Q
-    for (int64_t i = k + 1; i < n; ++i) axpy(-tau[k] * u[i], y + j0, q + i * ld + j0, len);
+  for (int64_t k0 = (n - 3) / kReflectors * kReflectors; n >= 3 && k0 >= 0; k0 -= kReflectors) {
+    T s[kReflectors][kReflectors] = {};
+    bool any = false;
+    for (int j = 0; j < kReflectors; ++j) {  // Y^T's rows: u_k from k + 1 on (zero for a missing or trivial H_k)
+      const int64_t k = k0 + j;
+      T* y = yt + j * ld;
+      std::fill(y, y + ld, T(0));
+      if (k > n - 3 || tau[k] == T(0)) continue;
+      std::copy(a + k * ld + k + 1, a + k * ld + n, y + k + 1);
+      s[j][j] = tau[k];
+      any = true;
+    }
+    if (!any) continue;
+    const int64_t i0 = k0 + 1;
+    for (int j = 1; j < kReflectors; ++j) {  // S[0:j, j] = -tau_j S[0:j, 0:j] (Y[:, 0:j]^T u_j)
+      T z[kReflectors];
+      for (int l = 0; l < j; ++l) z[l] = dot(yt + l * ld + i0, yt + j * ld + i0, n - i0);
+      for (int i = 0; i < j; ++i) {
+        T sum = 0;
+        for (int l = i; l < j; ++l) sum += s[i][l] * z[l];
+        s[i][j] = -s[j][j] * sum;
+      }
+    }
+    for (int64_t c = i0 / kLanes * kLanes; c < ld; c += kVector) {
+      // (the loops over the block's reflectors unrolled, so that acc and w stay in registers)
+      Vec acc[kReflectors];
+#pragma GCC unroll 8
+      for (int j = 0; j < kReflectors; ++j) acc[j] = Vec{};
+      for (int64_t i = i0; i < n; ++i) {  // Y^T Q on this column block
+        Vec qv;
+        __builtin_memcpy(&qv, q + i * ld + c, sizeof(Vec));
+#pragma GCC unroll 8
+        for (int j = 0; j < kReflectors; ++j) acc[j] += yt[j * ld + i] * qv;
+      }
+      Vec w[kReflectors];  // S Y^T Q
+#pragma GCC unroll 8
+      for (int j = 0; j < kReflectors; ++j) {
+        w[j] = s[j][j] * acc[j];
+#pragma GCC unroll 8
+        for (int l = j + 1; l < kReflectors; ++l) w[j] += s[j][l] * acc[l];
+      }
+      for (int64_t i = i0; i < n; ++i) {  // Q -= Y (S Y^T Q)
+        Vec qv;
+        __builtin_memcpy(&qv, q + i * ld + c, sizeof(Vec));
+#pragma GCC unroll 8
+        for (int j = 0; j < kReflectors; ++j) qv -= yt[j * ld + i] * w[j];
+        __builtin_memcpy(q + i * ld + c, &qv, sizeof(Vec));
+      }
+    }
   }
   // The transpose in kLanes x kLanes tiles (ld is a multiple of kLanes; the padding is zero in both).
   for (int64_t i0 = 0; i0 < ld; i0 += kLanes) {
@@ -312,16 +400,29 @@ class QLChain {
 
   // The recorded rotations, applied to vt in column blocks of W vectors: for each sweep, row m is carried in
   // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry).
+  // Each carried vector waits on its previous rotation (a product and a fused multiply-add, ~8 cycles), so a
+  // block needs 4 of them to keep both FMA units busy: the rest of a row goes in a block of 2 (then 1) rather
+  // than one vector at a time. With AVX-512's 32 registers, blocks of 8 vectors read the rotations half as often
+  // (n = 128: 12% faster than blocks of 4).
   THREEG_INLINE void apply_rotations() {
     int64_t k0 = 0;
+    if constexpr (kWideBlock > 4) {
+      for (; k0 + kWideBlock * kVector <= ld_; k0 += kWideBlock * kVector) apply_block<kWideBlock>(k0);
+    }
     for (; k0 + 4 * kVector <= ld_; k0 += 4 * kVector) apply_block<4>(k0);
+    if (k0 + 2 * kVector <= ld_) {
+      apply_block<2>(k0);
+      k0 += 2 * kVector;
+    }
     for (; k0 < ld_; k0 += kVector) apply_block<1>(k0);
   }
 
  private:
   // One vector register of the variant's instruction set (64 bytes for AVX-512, 32 for AVX2, 16 for SSE2): the
-  // four carried in apply_block<4> and their operands stay in registers on each (wider blocks spill).
+  // four carried in apply_block<4> and their operands fit the 16 registers of AVX2 / SSE2 (wider blocks spill
+  // there), eight fit AVX-512's 32.
   static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  static constexpr int kWideBlock = THREEG_VECTOR_BYTES == 64 ? 8 : 4;
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
 
   template <bool Record>
@@ -378,6 +479,7 @@ class SmallEigh {
         ld_((n + small_eigh_detail::kLanes - 1) / small_eigh_detail::kLanes * small_eigh_detail::kLanes),
         a_(kGroup * n * ld_),
         q_(n * ld_),
+        yt_(small_eigh_detail::kReflectors * ld_),
         vt_(kGroup * n * ld_),
         vec_(kGroup * (3 * n + 3 * ld_)),
         order_(n),
@@ -396,8 +498,7 @@ class SmallEigh {
       live[j] = ok[j] = copy_finite(a[j], aj);
       if (!ok[j]) continue;
       tridiagonalise(aj, n, ld, d, e, tau, p, u, w);
-      std::fill(u, u + ld, T(0));
-      form_qt(aj, tau, n, ld, q_.data(), u, p, vt(j));
+      form_qt(aj, tau, n, ld, q_.data(), yt_.data(), vt(j));
       chains_[j].start(d, e, vt(j), n, ld);
       ++alive;
     }
@@ -449,7 +550,7 @@ class SmallEigh {
   }
 
   int64_t n_, ld_;
-  std::vector<T> a_, q_, vt_, vec_;
+  std::vector<T> a_, q_, yt_, vt_, vec_;
   std::vector<int64_t> order_;
   std::vector<small_eigh_detail::QLChain<T>> chains_;
 };
