@@ -23,9 +23,9 @@ inline std::string describe(const at::Tensor& t) {
 
 inline int64_t triangle_size(int64_t c) { return c * (c + 1) / 2; }
 
-// The largest matrix the CPU kernels eigendecompose with their own solver rather than LAPACK's syevd, the same
-// for float32 and float64 (csrc/cpu/small_eigh.h; docs/ext.md, "Eigensolver").
-int64_t small_eigh_max();
+// The largest matrix the CPU kernels eigendecompose with their own solver rather than LAPACK's syevd, in float32
+// (float64 = false) or float64, for the variant the ops call now (csrc/cpu/small_eigh.h; docs/ext.md, "Eigensolver").
+int64_t small_eigh_max(bool float64);
 
 // The instruction-set variants of the CPU kernels that this build has and this CPU runs, best last
 // (csrc/cpu/cpu_variants.h); THREEG_EXT_ISA picks one of them, the best by default.

@@ -33,8 +33,13 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 }
 
 PyObject* small_eigh_max(PyObject*, PyObject*) {
-  const long long n = threeg::small_eigh_max();
-  return Py_BuildValue("{s:L,s:L}", "float32", n, "float64", n);
+  try {
+    const long long f32 = threeg::small_eigh_max(false), f64 = threeg::small_eigh_max(true);
+    return Py_BuildValue("{s:L,s:L}", "float32", f32, "float64", f64);
+  } catch (const c10::Error& e) {  // THREEG_EXT_ISA names a variant this CPU or build does not run
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 PyObject* cpu_variants(PyObject*, PyObject*) {

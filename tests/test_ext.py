@@ -78,10 +78,15 @@ def _small_eigh_max():
     return _C.small_eigh_max()
 
 
+@pytest.mark.parametrize("isa", ["baseline", "x86-64-v3", "x86-64-v4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("side", [0, 1], ids=["own-solver", "syevd"])
-def test_eigensolver_either_side_of_its_crossover(dtype, side):
-    """The largest C the own solver takes and the smallest syevd takes (C x C route, N > C)."""
+def test_eigensolver_either_side_of_its_crossover(monkeypatch, isa, dtype, side):
+    """The largest C the own solver takes and the smallest syevd takes (C x C route, N > C), in each instruction-set
+    variant: each has its own crossover per dtype."""
+    if isa not in _cpu_variants():
+        pytest.skip(f"this CPU does not run the {isa} variant (test_every_instruction_set_variant checks the refusal)")
+    monkeypatch.setenv("THREEG_EXT_ISA", isa)
     c = _small_eigh_max()[str(dtype).removeprefix("torch.")] + side
     x, w, g = make_case(2, c, c + 9, weighted=True, dtype=dtype, seed=c)
     assert not _ext_impl.gram_route(c, c + 9)
@@ -92,8 +97,9 @@ def test_eigensolver_either_side_of_its_crossover(dtype, side):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 200, 236), (2, 24, 60), (2, 64, 62), (2, 200, 49)], ids=str)
 def test_either_eigensolver_at_any_size(monkeypatch, solver, dtype, shape):
-    """THREEG_EXT_EIGH forces one solver at every size: the own one above its crossover (C = 200), syevd below it;
-    the C x C route (full rank and rank C - 3) and the Gram route (N x N)."""
+    """THREEG_EXT_EIGH forces one solver at every size: the own one above its crossover (C = 200 is above it in
+    float64 in every variant, and in float32 without AVX-512), syevd below it; the C x C route (full rank and rank
+    C - 3) and the Gram route (N x N)."""
     monkeypatch.setenv("THREEG_EXT_EIGH", solver)
     x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
     assert_close_to_reference("ext", x, w, g, iters=5)
@@ -113,9 +119,15 @@ def test_kernel_switches_reject_unknown_values(monkeypatch, variable, value, mes
         run_pool("ext", x, None, g, iters=5)
 
 
-def test_eigensolver_sizes_are_reported():
+@pytest.mark.parametrize("isa", ["baseline", "x86-64-v3", "x86-64-v4"])
+def test_eigensolver_sizes_are_reported(monkeypatch, isa):
+    """Per dtype, for the variant THREEG_EXT_ISA picks: the own solver's share shrinks with the vector width."""
+    if isa not in _cpu_variants():
+        pytest.skip(f"this CPU does not run the {isa} variant (test_every_instruction_set_variant checks the refusal)")
+    monkeypatch.setenv("THREEG_EXT_ISA", isa)
     sizes = _small_eigh_max()
-    assert set(sizes) == {"float32", "float64"} and all(isinstance(v, int) and v >= 64 for v in sizes.values())
+    assert set(sizes) == {"float32", "float64"} and all(isinstance(v, int) and v >= 32 for v in sizes.values())
+    assert sizes["float32"] > sizes["float64"]
 
 
 # --- the CPU kernels compiled once per instruction set (csrc/cpu/cpu_variants.h), THREEG_EXT_ISA -------------
@@ -142,29 +154,43 @@ def test_cpu_variants_are_reported(monkeypatch):
     assert _C.cpu_variant() == variants[-1]
 
 
+def _variant_case(case, dtype):
+    """(B, C, N) of a test case for the variant THREEG_EXT_ISA picks, on either side of its eigensolver crossover
+    (`_C.small_eigh_max()`): the own solver (n <= the crossover) or syevd (n above it, and above 128 so that the
+    products formed by block rows below the diagonal take two blocks), on the C x C route (n = C) or the Gram route
+    (n = N)."""
+    limit = _small_eigh_max()[str(dtype).removeprefix("torch.")]
+    big = max(limit, 128) + 8
+    shape = {
+        "cxc-own": (5, min(limit, 64), 196),
+        "cxc-syevd": (2, big, big + 14),
+        "gram-own": (5, 48, min(limit, 20)),
+        "gram-syevd": (2, big * 16 // 15 + 16, big),
+    }[case]
+    assert _ext_impl.gram_route(shape[1], shape[2]) == case.startswith("gram")
+    return shape
+
+
 @pytest.mark.parametrize("isa", _ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "shape",
-    [(5, 64, 196), (2, 136, 150), (5, 48, 20), (2, 160, 140)],
-    ids=["cxc-own", "cxc-syevd", "gram-own", "gram-syevd"],
-)
+@pytest.mark.parametrize("case", ["cxc-own", "cxc-syevd", "gram-own", "gram-syevd"])
 @pytest.mark.parametrize("keep_iterates", [True, False], ids=["keep", "recompute"])
-def test_every_instruction_set_variant(monkeypatch, one_thread, isa, dtype, shape, keep_iterates):
+def test_every_instruction_set_variant(monkeypatch, one_thread, isa, dtype, case, keep_iterates):
     """Each variant the CPU runs matches the reference on both routes with either eigensolver, its saved state kept
-    or recomputed in the backward (B = 5 on one thread: a group of four solved together and one alone; N > 128 on
-    the syevd cases, where M, H and Y are formed by block rows below the diagonal); one it cannot run is refused,
-    naming it."""
+    or recomputed in the backward (B = 5 on one thread: a group of four solved together and one alone); one it
+    cannot run is refused, naming it."""
     from threeg_kernels import _C
 
     monkeypatch.setenv("THREEG_EXT_ISA", isa)
-    x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
     if isa not in _cpu_variants():
-        for call in (_C.cpu_variant, lambda: run_pool("ext", x, w, g, iters=5, keep_iterates=keep_iterates)):
+        x, w, g = make_case(2, 16, 30, weighted=True, dtype=dtype, seed=16)
+        for call in (_C.cpu_variant, _C.small_eigh_max, lambda: run_pool("ext", x, w, g, keep_iterates=keep_iterates)):
             with pytest.raises(RuntimeError, match=f"THREEG_EXT_ISA='{isa}' needs a CPU with {isa}"):
                 call()
         return
     assert _C.cpu_variant() == isa
+    shape = _variant_case(case, dtype)
+    x, w, g = make_case(*shape, weighted=True, dtype=dtype, seed=shape[1])
     assert_close_to_reference("ext", x, w, g, iters=5, keep_iterates=keep_iterates)
 
 

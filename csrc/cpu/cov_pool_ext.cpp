@@ -19,14 +19,15 @@ struct Variant {
   const char* name;
   decltype(&cpu_baseline::forward) forward;
   decltype(&cpu_baseline::backward) backward;
+  decltype(&cpu_baseline::small_eigh_max) small_eigh_max;
 };
 
 // Every variant this build has, in order of instruction set (each runs where the next one's CPU does).
 constexpr Variant kVariants[] = {
-    {"baseline", &cpu_baseline::forward, &cpu_baseline::backward},
+    {"baseline", &cpu_baseline::forward, &cpu_baseline::backward, &cpu_baseline::small_eigh_max},
 #if THREEG_X86_VARIANTS
-    {"x86-64-v3", &cpu_x86_64_v3::forward, &cpu_x86_64_v3::backward},
-    {"x86-64-v4", &cpu_x86_64_v4::forward, &cpu_x86_64_v4::backward},
+    {"x86-64-v3", &cpu_x86_64_v3::forward, &cpu_x86_64_v3::backward, &cpu_x86_64_v3::small_eigh_max},
+    {"x86-64-v4", &cpu_x86_64_v4::forward, &cpu_x86_64_v4::backward, &cpu_x86_64_v4::small_eigh_max},
 #endif
 };
 constexpr int kBuilt = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
@@ -80,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
 
 }  // namespace
 
-int64_t small_eigh_max() { return cpu_baseline::small_eigh_max(); }
+int64_t small_eigh_max(bool float64) { return chosen().small_eigh_max(float64); }
 
 std::vector<std::string> cpu_variants() {
   std::vector<std::string> names;

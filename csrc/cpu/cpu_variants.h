@@ -29,7 +29,7 @@
                                               const std::optional<at::Tensor>& weight, const at::Tensor& out,        \
                                               const at::Tensor& A, const at::Tensor& tr, const at::Tensor& iterates, \
                                               int64_t iters, c10::string_view order, c10::string_view precision);    \
-  int64_t small_eigh_max();                                                                                           \
+  int64_t small_eigh_max(bool float64);                                                                               \
   }                                                                                                                   \
   }
 

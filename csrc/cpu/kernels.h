@@ -195,10 +195,19 @@ void small_eigh(SmallEigh<double>& e, int g, const double* const* a, double* con
   e(g, a, v, l, ok);
 }
 
-// SmallEigh up to this size in both dtypes, syevd above (docs/ext.md, "Eigensolver": fwd+bwd on one core, float32
-// 1.14x faster at 128, 1.02x at 160, 0.86x at 256 on an Intel Xeon; float64 1.03x at 96, 0.95x at 128 there but
-// 1.04x at 128 on an AMD EPYC: one threshold for both, the float64 difference being within 5% either way).
-constexpr int64_t kSmallEighMax = 128;
+// SmallEigh up to these sizes, syevd above: per instruction set and dtype, the largest size at which the own solver
+// measured faster than syevd by more than the timing noise (5%) (docs/ext.md, "Eigensolver": fwd+bwd of the op,
+// C x C route, one core of an Intel Xeon with AVX-512, MKL's syevd; the own solver's share shrinks with the vector
+// width, syevd's does not).
+#if THREEG_VECTOR_BYTES == 64
+constexpr int64_t kSmallEighMaxFloat = 256, kSmallEighMaxDouble = 160;  // 1.16x / 1.08x there
+#elif THREEG_VECTOR_BYTES == 32
+constexpr int64_t kSmallEighMaxFloat = 192, kSmallEighMaxDouble = 96;  // 1.09x / 1.09x
+#else
+constexpr int64_t kSmallEighMaxFloat = 64, kSmallEighMaxDouble = 32;  // 1.20x / 1.15x
+#endif
+template <typename scalar_t>
+constexpr int64_t kSmallEighMax = std::is_same_v<scalar_t, float> ? kSmallEighMaxFloat : kSmallEighMaxDouble;
 
 // THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
 // by size. Read when an op starts, so a process can compare the two (benchmarks/ext_cpu_speed.py --eigh).
@@ -223,7 +232,7 @@ template <typename scalar_t>
 class Eigh {
  public:
   Eigh(int64_t n, EighChoice choice) : n_(n) {
-    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax);
+    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax<scalar_t>);
     if (own) small_.emplace(n);
   }
 
@@ -281,7 +290,7 @@ class Eigh {
     return info == 0;
 #else
     TORCH_CHECK(false, "threeg::cov_pool_ext on CPU needs a torch built with LAPACK for an eigendecomposition of size ",
-                n_, " (above ", kSmallEighMax, ", THREEG_EXT_EIGH=syevd, or where the QL iteration did not "
+                n_, " (above ", kSmallEighMax<scalar_t>, ", THREEG_EXT_EIGH=syevd, or where the QL iteration did not "
                 "converge); use backend='torch'");
     return false;
 #endif
@@ -865,7 +874,7 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad, const Tensor& x, const s
   return backward_cpu(grad, x, weight, out, A, tr, iterates, iters, order, precision);
 }
 
-int64_t small_eigh_max() { return kSmallEighMax; }
+int64_t small_eigh_max(bool float64) { return float64 ? kSmallEighMaxDouble : kSmallEighMaxFloat; }
 
 }  // namespace THREEG_CPU_VARIANT
 }  // namespace threeg

@@ -399,30 +399,30 @@ class QLChain {
   }
 
   // The recorded rotations, applied to vt in column blocks of W vectors: for each sweep, row m is carried in
-  // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry).
-  // Each carried vector waits on its previous rotation (a product and a fused multiply-add, ~8 cycles), so a
-  // block needs 4 of them to keep both FMA units busy: the rest of a row goes in a block of 2 (then 1) rather
-  // than one vector at a time. With AVX-512's 32 registers, blocks of 8 vectors read the rotations half as often
-  // (n = 128: 12% faster than blocks of 4).
+  // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry), two
+  // sweeps at a time (apply_block). Each carried vector waits on its previous rotation (a product and a fused
+  // multiply-add, ~8 cycles), so both FMA units need 4 carried vectors at once: two sweeps of 2 vectors do. With
+  // AVX-512's 32 registers, blocks of 8 vectors read the rotations less often (n = 128, one matrix of four: 69 us
+  // against 78 with blocks of 4 and 90 with 2); with the 16 of AVX2 / SSE2, two sweeps of 4 vectors spill (367 us
+  // against 161 with blocks of 2).
   THREEG_INLINE void apply_rotations() {
     int64_t k0 = 0;
-    if constexpr (kWideBlock > 4) {
-      for (; k0 + kWideBlock * kVector <= ld_; k0 += kWideBlock * kVector) apply_block<kWideBlock>(k0);
+    if constexpr (kWideBlock == 8) {
+      for (; k0 + 8 * kVector <= ld_; k0 += 8 * kVector) apply_block<8>(k0);
+      if (k0 + 4 * kVector <= ld_) {
+        apply_block<4>(k0);
+        k0 += 4 * kVector;
+      }
     }
-    for (; k0 + 4 * kVector <= ld_; k0 += 4 * kVector) apply_block<4>(k0);
-    if (k0 + 2 * kVector <= ld_) {
-      apply_block<2>(k0);
-      k0 += 2 * kVector;
-    }
+    for (; k0 + 2 * kVector <= ld_; k0 += 2 * kVector) apply_block<2>(k0);
     for (; k0 < ld_; k0 += kVector) apply_block<1>(k0);
   }
 
  private:
-  // One vector register of the variant's instruction set (64 bytes for AVX-512, 32 for AVX2, 16 for SSE2): the
-  // four carried in apply_block<4> and their operands fit the 16 registers of AVX2 / SSE2 (wider blocks spill
-  // there), eight fit AVX-512's 32.
+  // One vector register of the variant's instruction set (64 bytes for AVX-512, 32 for AVX2, 16 for SSE2), and the
+  // widest column block apply_rotations uses (above).
   static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
-  static constexpr int kWideBlock = THREEG_VECTOR_BYTES == 64 ? 8 : 4;
+  static constexpr int kWideBlock = THREEG_VECTOR_BYTES == 64 ? 8 : 2;
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
 
   template <bool Record>
@@ -432,28 +432,108 @@ class QLChain {
   }
 
   template <int W>
+  static THREEG_INLINE void load(Vec* v, const T* row) {
+    for (int w = 0; w < W; ++w) __builtin_memcpy(&v[w], row + w * kVector, sizeof(Vec));
+  }
+  template <int W>
+  static THREEG_INLINE void store(T* row, const Vec* v) {
+    for (int w = 0; w < W; ++w) __builtin_memcpy(row + w * kVector, &v[w], sizeof(Vec));
+  }
+
+  // The rotation (c, s) on rows x (loaded) and y (carried): returns row i + 1's new value in out, y the new row i.
+  template <int W>
+  static THREEG_INLINE void rotate_carried(const Vec* x, Vec* y, T c, T s, Vec* out) {
+    for (int w = 0; w < W; ++w) {
+      out[w] = s * x[w] + c * y[w];
+      y[w] = c * x[w] - s * y[w];
+    }
+  }
+
+  // Consecutive sweeps are applied two at a time where the second one's rows end at or above the first's (the
+  // usual case): the second follows one row behind the first, taking each row as the first leaves it final, so a
+  // row is loaded and stored once for both (at n = 128 the rows of a column block overflow the L1 cache, and one
+  // sweep at a time reloads them from L2 for every sweep). Every element goes through the same operations in the
+  // same order as one sweep after the other.
+  template <int W>
   THREEG_INLINE void apply_block(int64_t k0) {
     const T* rot = rotations_.data();
-    for (size_t q = 0; q < sweeps_.size(); q += 2) {
-      const int64_t m = sweeps_[q], count = sweeps_[q + 1];
-      T* row = vt_ + m * ld_ + k0;
-      Vec y[W];
-      for (int w = 0; w < W; ++w) __builtin_memcpy(&y[w], row + w * kVector, sizeof(Vec));
-      for (int64_t t = 0; t < count; ++t) {
-        const T c = rot[2 * t], s = rot[2 * t + 1];
-        T* x = row - ld_;
-        for (int w = 0; w < W; ++w) {
-          Vec xw;
-          __builtin_memcpy(&xw, x + w * kVector, sizeof(Vec));
-          const Vec out = s * xw + c * y[w];
-          y[w] = c * xw - s * y[w];
-          __builtin_memcpy(row + w * kVector, &out, sizeof(Vec));
-        }
-        row = x;
+    const size_t sweeps = sweeps_.size() / 2;
+    for (size_t q = 0; q < sweeps;) {
+      const int64_t ma = sweeps_[2 * q], na = sweeps_[2 * q + 1];
+      if (q + 1 < sweeps && sweeps_[2 * q + 2] <= ma && na > 0 && sweeps_[2 * q + 3] > 0) {
+        const int64_t mb = sweeps_[2 * q + 2], nb = sweeps_[2 * q + 3];
+        apply_pair<W>(k0, ma, na, rot, mb, nb, rot + 2 * na);
+        rot += 2 * (na + nb);
+        q += 2;
+      } else {
+        apply_sweep<W>(k0, ma, na, rot);
+        rot += 2 * na;
+        q += 1;
       }
-      for (int w = 0; w < W; ++w) __builtin_memcpy(row + w * kVector, &y[w], sizeof(Vec));
-      rot += 2 * count;
     }
+  }
+
+  // One sweep: rotations at i = m - 1 .. m - count, coefficients rot[2 t], rot[2 t + 1] for i = m - 1 - t.
+  template <int W>
+  THREEG_INLINE void apply_sweep(int64_t k0, int64_t m, int64_t count, const T* rot) {
+    T* row = vt_ + m * ld_ + k0;
+    Vec y[W], x[W], out[W];
+    load<W>(y, row);
+    for (int64_t t = 0; t < count; ++t) {
+      load<W>(x, row - ld_);
+      rotate_carried<W>(x, y, rot[2 * t], rot[2 * t + 1], out);
+      store<W>(row, out);
+      row -= ld_;
+    }
+    store<W>(row, y);
+  }
+
+  // Sweep a (rows ma - na .. ma) and then sweep b (rows mb - nb .. mb, mb <= ma) in one pass from the bottom up.
+  template <int W>
+  THREEG_INLINE void apply_pair(int64_t k0, int64_t ma, int64_t na, const T* ra, int64_t mb, int64_t nb,
+                                const T* rb) {
+    const int64_t la = ma - na, lb = mb - nb;
+    T* base = vt_ + k0;
+    Vec ya[W], yb[W] = {}, x[W], out[W], outb[W];  // yb is set before use (zeroed for the compiler's sake)
+    bool b_started = false, b_done = false;
+    // Row r is final for sweep a (value v): b's rotation at r (rows r, r + 1) takes it, or it is stored.
+    auto to_b = [&](int64_t r, const Vec* v) {
+      if (b_done || r > mb) {
+        store<W>(base + r * ld_, v);
+      } else if (r == mb) {
+        for (int w = 0; w < W; ++w) yb[w] = v[w];
+        b_started = true;
+      } else {
+        const int64_t t = mb - 1 - r;
+        rotate_carried<W>(v, yb, rb[2 * t], rb[2 * t + 1], outb);
+        store<W>(base + (r + 1) * ld_, outb);
+        if (r == lb) {
+          store<W>(base + r * ld_, yb);
+          b_done = true;
+        }
+      }
+    };
+    load<W>(ya, base + ma * ld_);
+    for (int64_t t = 0; t < na; ++t) {
+      const int64_t i = ma - 1 - t;
+      load<W>(x, base + i * ld_);
+      rotate_carried<W>(x, ya, ra[2 * t], ra[2 * t + 1], out);
+      to_b(i + 1, out);
+    }
+    to_b(la, ya);
+    if (b_done) return;
+    int64_t i = la - 1;  // b's rotations below sweep a's rows, on rows loaded here
+    if (!b_started) {
+      load<W>(yb, base + mb * ld_);
+      i = mb - 1;
+    }
+    for (; i >= lb; --i) {
+      const int64_t t = mb - 1 - i;
+      load<W>(x, base + i * ld_);
+      rotate_carried<W>(x, yb, rb[2 * t], rb[2 * t + 1], outb);
+      store<W>(base + (i + 1) * ld_, outb);
+    }
+    store<W>(base + lb * ld_, yb);
   }
 
   T *d_ = nullptr, *e_ = nullptr, *vt_ = nullptr;
