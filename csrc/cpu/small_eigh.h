@@ -10,9 +10,9 @@
 // A group of up to kGroup matrices is solved together: each QL iteration is a chain of dependent scalar operations
 // (a square root, a division and four products a rotation, ~45 cycles), so one matrix leaves the core mostly
 // idle. The group's chains are advanced a rotation each in turn, which lets the core overlap them; their rotations
-// are recorded and applied afterwards, a sweep at a time in column blocks that keep the carried row in registers
-// (one load and one store a rotation, where applying each rotation at once loads and stores two rows). A group
-// of one applies each rotation at once: there the rows' updates overlap the chain's latency instead.
+// are recorded and applied afterwards, two sweeps at a time in column blocks that keep the carried rows in
+// registers (one load and one store a row for both sweeps, where applying each rotation at once loads and stores
+// two rows). A group of one applies each rotation at once: there the rows' updates overlap the chain's latency.
 //
 // Storage: `a` row-major n x n, both triangles, read only; `v` (n x n, row-major) receives the eigenvectors as
 // rows, `l` (n) the eigenvalues in ascending order, as syevd gives them. A matrix whose QL iteration has not
@@ -329,6 +329,16 @@ class QLChain {
     failed_ = false;
     rotations_.clear();
     sweeps_.clear();
+    // A coupling is negligible below eps |T| (EISPACK's tql2 tests against a running norm the same way). Relative
+    // to its two diagonal neighbours instead, it never is among eigenvalues at the rounding level of |T|: the QL
+    // iteration then ran out of sweeps on rank-deficient covariances (C x C with N <= C: 60 zero eigenvalues of 256,
+    // or 24 of 64), every one of which went to syevd after 30 wasted sweeps. The eigenvalues are accurate to
+    // eps |T| either way, as the tridiagonalisation leaves them.
+    T norm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      norm = std::max(norm, std::abs(d[i]) + std::abs(e[i]) + (i > 0 ? std::abs(e[i - 1]) : T(0)));
+    }
+    negligible_ = std::numeric_limits<T>::epsilon() * norm;
   }
 
   bool failed() const { return failed_; }
@@ -370,11 +380,9 @@ class QLChain {
       }
       return true;
     }
-    const T ulp = std::numeric_limits<T>::epsilon();
     int64_t m = l_;
     for (; m + 1 < n_; ++m) {  // the first negligible coupling at or below l splits T there
-      const T dd = std::abs(d[m]) + std::abs(d[m + 1]);
-      if (std::abs(e[m]) <= ulp * dd) break;
+      if (std::abs(e[m]) <= negligible_) break;
     }
     if (m == l_) {  // d[l] has converged
       sweep_ = 0;
@@ -540,7 +548,7 @@ class QLChain {
   int64_t n_ = 0, ld_ = 0, l_ = 0, m_ = 0, i_ = -1;
   int sweep_ = 0;
   bool failed_ = false;
-  T s_ = 1, c_ = 1, p_ = 0, g_ = 0;
+  T s_ = 1, c_ = 1, p_ = 0, g_ = 0, negligible_ = 0;
   std::vector<T> rotations_;      // (c, s) of each recorded rotation, in order
   std::vector<int64_t> sweeps_;  // per recorded sweep: m and its number of rotations (at i = m - 1 .. m - count)
 };
