@@ -331,8 +331,8 @@ class QLChain {
     sweeps_.clear();
     // A coupling is negligible below eps |T| (EISPACK's tql2 tests against a running norm the same way). Relative
     // to its two diagonal neighbours instead, it never is among eigenvalues at the rounding level of |T|: the QL
-    // iteration then ran out of sweeps on rank-deficient covariances (C x C with N <= C: 60 zero eigenvalues of 256,
-    // or 24 of 64), every one of which went to syevd after 30 wasted sweeps. The eigenvalues are accurate to
+    // iteration then ran out of sweeps on rank-deficient covariances (C x C with N <= C: 61 zero eigenvalues of 256,
+    // or 25 of 64), every one of which went to syevd after 30 wasted sweeps. The eigenvalues are accurate to
     // eps |T| either way, as the tridiagonalisation leaves them.
     T norm = 0;
     for (int64_t i = 0; i < n; ++i) {
