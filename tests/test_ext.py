@@ -105,10 +105,24 @@ def test_either_eigensolver_at_any_size(monkeypatch, solver, dtype, shape):
     assert_close_to_reference("ext", x, w, g, iters=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c, n, live", [(96, 120, 40), (128, 140, 60), (64, 40, 20)], ids=["cxc-96", "cxc-128", "gram"])
+def test_own_eigensolver_converges_on_rank_deficient_covariances(monkeypatch, dtype, c, n, live):
+    """Weights zero at all but `live` positions: rank live - 1, most eigenvalues of A at eps / tr (C x C route) or of
+    M at exactly 0 (Gram route), at the rounding level of |T|. The QL iteration must converge there by itself
+    (its coupling test relative to |T|; relative to the diagonal neighbours it ran out of sweeps on these inputs and
+    the kernels fell back to syevd): THREEG_EXT_EIGH=own-strict raises where it would fall back."""
+    monkeypatch.setenv("THREEG_EXT_EIGH", "own-strict")
+    x, w, g = make_case(2, c, n, weighted=True, dtype=dtype, seed=c)
+    w[:, live:] = 0
+    assert _ext_impl.gram_route(c, n) == (n < c)
+    assert_close_to_reference("ext", x, w, g, iters=5)
+
+
 @pytest.mark.parametrize(
     "variable, value, message",
     [
-        ("THREEG_EXT_EIGH", "jacobi", "THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got 'jacobi'"),
+        ("THREEG_EXT_EIGH", "jacobi", "THREEG_EXT_EIGH must be 'auto', 'own', 'own-strict' or 'syevd'; got 'jacobi'"),
         ("THREEG_EXT_ISA", "avx512", "THREEG_EXT_ISA must be 'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4'; got 'avx"),
     ],
 )

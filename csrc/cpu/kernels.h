@@ -209,16 +209,19 @@ constexpr int64_t kSmallEighMaxFloat = 64, kSmallEighMaxDouble = 32;  // 1.20x /
 template <typename scalar_t>
 constexpr int64_t kSmallEighMax = std::is_same_v<scalar_t, float> ? kSmallEighMaxFloat : kSmallEighMaxDouble;
 
-// THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; unset or "auto":
-// by size. Read when an op starts, so a process can compare the two (benchmarks/ext_cpu_speed.py --eigh).
-enum class EighChoice { kAuto, kOwn, kSyevd };
+// THREEG_EXT_EIGH picks the eigensolver for every size instead: "own" (SmallEigh) or "syevd"; "own-strict" is
+// "own" raising where the QL iteration does not converge instead of falling back to syevd (how the tests check that
+// it converges); unset or "auto": by size. Read when an op starts, so a process can compare the two
+// (benchmarks/ext_cpu_speed.py --eigh).
+enum class EighChoice { kAuto, kOwn, kOwnStrict, kSyevd };
 inline EighChoice eigh_choice() {
   const char* v = std::getenv("THREEG_EXT_EIGH");
   const std::string s = v == nullptr ? "" : v;
   if (s.empty() || s == "auto") return EighChoice::kAuto;
   if (s == "own") return EighChoice::kOwn;
+  if (s == "own-strict") return EighChoice::kOwnStrict;
   if (s == "syevd") return EighChoice::kSyevd;
-  TORCH_CHECK(false, "THREEG_EXT_EIGH must be 'auto', 'own' or 'syevd'; got '", s, "'");
+  TORCH_CHECK(false, "THREEG_EXT_EIGH must be 'auto', 'own', 'own-strict' or 'syevd'; got '", s, "'");
   return EighChoice::kAuto;
 }
 
@@ -231,8 +234,9 @@ inline EighChoice eigh_choice() {
 template <typename scalar_t>
 class Eigh {
  public:
-  Eigh(int64_t n, EighChoice choice) : n_(n) {
-    const bool own = choice == EighChoice::kOwn || (choice == EighChoice::kAuto && n <= kSmallEighMax<scalar_t>);
+  Eigh(int64_t n, EighChoice choice) : n_(n), strict_(choice == EighChoice::kOwnStrict) {
+    const bool own = choice == EighChoice::kOwn || strict_ ||
+                     (choice == EighChoice::kAuto && n <= kSmallEighMax<scalar_t>);
     if (own) small_.emplace(n);
   }
 
@@ -262,7 +266,11 @@ class Eigh {
       for (int i = 0; i < m; ++i) ok[which[i]] = converged[i];
     }
     for (int j = 0; j < g; ++j) {
-      if (finite[j] && !ok[j]) ok[j] = lapack(a[j], slot[j]);
+      if (finite[j] && !ok[j]) {
+        TORCH_CHECK(!strict_, "THREEG_EXT_EIGH=own-strict: the QL iteration of the own eigensolver did not converge "
+                    "for a ", n_, " x ", n_, " matrix");
+        ok[j] = lapack(a[j], slot[j]);
+      }
       if (!ok[j]) std::fill(slot[j], slot[j] + nn + n_, std::numeric_limits<scalar_t>::quiet_NaN());
     }
   }
@@ -297,6 +305,7 @@ class Eigh {
   }
 
   int64_t n_;
+  bool strict_;
   std::optional<SmallEigh<scalar_t>> small_;  // the own solver's scratch, when it runs
   std::vector<scalar_t> work_;
   std::vector<int> iwork_;
