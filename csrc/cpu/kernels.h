@@ -196,15 +196,15 @@ void small_eigh(SmallEigh<double>& e, int g, const double* const* a, double* con
 }
 
 // SmallEigh up to these sizes, syevd above: per instruction set and dtype, the largest size at which the own solver
-// measured faster than syevd by more than the timing noise (5%) (docs/ext.md, "Eigensolver": fwd+bwd of the op,
-// C x C route, one core of an Intel Xeon with AVX-512, MKL's syevd; the own solver's share shrinks with the vector
-// width, syevd's does not).
+// was ahead of syevd by at least 4% in each of two measured runs (docs/ext.md, "Eigensolver": fwd+bwd of the op,
+// C x C route, one core of an Intel Xeon with AVX-512, MKL's syevd; the own solver's speed falls with the vector
+// width, syevd's does not). syevd / own at these sizes in the two runs:
 #if THREEG_VECTOR_BYTES == 64
-constexpr int64_t kSmallEighMaxFloat = 256, kSmallEighMaxDouble = 160;  // 1.16x / 1.08x there
+constexpr int64_t kSmallEighMaxFloat = 256, kSmallEighMaxDouble = 160;  // 1.15-1.18x / 1.04-1.08x
 #elif THREEG_VECTOR_BYTES == 32
-constexpr int64_t kSmallEighMaxFloat = 192, kSmallEighMaxDouble = 96;  // 1.09x / 1.09x
+constexpr int64_t kSmallEighMaxFloat = 192, kSmallEighMaxDouble = 96;  // 1.04-1.09x / 1.09-1.19x
 #else
-constexpr int64_t kSmallEighMaxFloat = 64, kSmallEighMaxDouble = 32;  // 1.20x / 1.15x
+constexpr int64_t kSmallEighMaxFloat = 64, kSmallEighMaxDouble = 32;  // 1.20-1.31x / 1.15-1.28x
 #endif
 template <typename scalar_t>
 constexpr int64_t kSmallEighMax = std::is_same_v<scalar_t, float> ? kSmallEighMaxFloat : kSmallEighMaxDouble;
