@@ -32,14 +32,23 @@ PyObject* cuda_built(PyObject*, PyObject*) {
 #endif
 }
 
-PyObject* small_eigh_max(PyObject*, PyObject*) {
+// f() (a new reference), with a c10::Error raised as RuntimeError (its message without the C++ backtrace): what
+// the CPU kernels' queries raise where THREEG_EXT_ISA names a variant this CPU or build does not run.
+template <typename F>
+PyObject* raising_runtime_error(F f) {
   try {
-    const long long f32 = threeg::small_eigh_max(false), f64 = threeg::small_eigh_max(true);
-    return Py_BuildValue("{s:L,s:L}", "float32", f32, "float64", f64);
-  } catch (const c10::Error& e) {  // THREEG_EXT_ISA names a variant this CPU or build does not run
+    return f();
+  } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
   }
+}
+
+PyObject* small_eigh_max(PyObject*, PyObject*) {
+  return raising_runtime_error([] {
+    const long long f32 = threeg::small_eigh_max(false), f64 = threeg::small_eigh_max(true);
+    return Py_BuildValue("{s:L,s:L}", "float32", f32, "float64", f64);
+  });
 }
 
 PyObject* cpu_variants(PyObject*, PyObject*) {
@@ -58,12 +67,7 @@ PyObject* cpu_variants(PyObject*, PyObject*) {
 }
 
 PyObject* cpu_variant(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(threeg::cpu_variant().c_str());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
+  return raising_runtime_error([] { return PyUnicode_FromString(threeg::cpu_variant().c_str()); });
 }
 
 PyMethodDef methods[] = {
