@@ -127,10 +127,17 @@ def test_own_eigensolver_converges_on_rank_deficient_covariances(monkeypatch, dt
     ],
 )
 def test_kernel_switches_reject_unknown_values(monkeypatch, variable, value, message):
+    """The ops refuse the value, naming it; so do the queries that depend on the variant (THREEG_EXT_ISA)."""
+    from threeg_kernels import _C
+
     monkeypatch.setenv(variable, value)
     x, w, g = make_case(2, 8, 12, weighted=False, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=message):
-        run_pool("ext", x, None, g, iters=5)
+    calls = [lambda: run_pool("ext", x, None, g, iters=5)]
+    if variable == "THREEG_EXT_ISA":
+        calls += [_C.cpu_variant, _C.small_eigh_max]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
 
 
 @pytest.mark.parametrize("isa", ["baseline", "x86-64-v3", "x86-64-v4"])
