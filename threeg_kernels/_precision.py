@@ -71,11 +71,18 @@ def no_autocast(device_type: str):
     float16/bfloat16 by autocast, or fail on the mixed dtypes that follow. In eager code where autocast is off
     already, nothing is entered (torch.autocast's own Python costs ~15 us a call); traced code always gets the
     context, which torch.compile records."""
-    if not torch.amp.is_autocast_available(device_type):
-        return contextlib.nullcontext()
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if not available:
+        return _NULL_CONTEXT
+    if torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
         return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NULL_CONTEXT
+
+
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type: fixed for the process
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 @contextlib.contextmanager

@@ -153,6 +153,11 @@ def register_pool_op(
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
+    # The ops' C++ entry points (an OpOverload's _op), called without OpOverload.__call__'s Python frame: after a
+    # call's kernels have filled the core's caches, each Python frame around them costs several times what it
+    # costs warm (docs/ext.md, "Per-call cost").
+    forward_call, backward_call = _entry_point(forward_op), _entry_point(backward_op)
+
     class EagerPool(torch.autograd.Function):
         """The registered formula (save / backward above) without torch.library's wrapper: the op's kernel is
         called below the Autograd dispatch key, so that nothing runs twice. Returns `out` only."""
@@ -160,7 +165,7 @@ def register_pool_op(
         @staticmethod
         def forward(ctx, *inputs):
             with torch._C._AutoDispatchBelowAutograd():
-                output = forward_op(*inputs)
+                output = forward_call(*inputs)
             save(ctx, inputs, output)
             return output[0]
 
@@ -168,8 +173,14 @@ def register_pool_op(
         def backward(ctx, grad_out):
             if torch.is_grad_enabled():  # create_graph=True: the reference math, differentiable (backward above)
                 return backward(ctx, grad_out)
-            with torch._C._AutoDispatchBelowAutograd():  # the backward op has no derivative to set up
-                return backward(ctx, grad_out)
+            # backward() above, inlined: the backward op has no derivative to set up, and grad_out is never None
+            # here (EagerPool materialises the gradient of its one output)
+            x, weight, out, A, tr, iterates = ctx.saved_tensors
+            with torch._C._AutoDispatchBelowAutograd(), no_autocast(x.device.type):
+                dx, dweight = backward_call(
+                    grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
+                )
+            return dx, (dweight if weight is not None else None), None, None, None, None, None
 
     def pool_op(x, weight, iters, eps, order, keep_iterates, precision):
         """`out` of forward_op(...); differentiable by the registered formula."""
@@ -182,6 +193,14 @@ def register_pool_op(
             return forward_op(*inputs)[0]
 
     return pool_op
+
+
+def _entry_point(op) -> Callable:
+    """The C++ callable behind `op` (an OpOverload, a torch.library.custom_op or an OpOverloadPacket): what
+    OpOverload.__call__ calls."""
+    overload = getattr(op, "_opoverload", op)
+    overload = getattr(overload, "default", overload)
+    return getattr(overload, "_op", op)
 
 
 def _plain(t: torch.Tensor) -> bool:

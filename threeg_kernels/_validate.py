@@ -42,7 +42,8 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise ValueError(
             f"x must have N = H*W >= 2 spatial positions (a covariance of one sample is zero); got {_describe(x)}"
         )
-    x3 = x.reshape(b, c, n)
+    # (reshape is skipped where it would return x as it is: one of the costs of a call at small shapes)
+    x3 = x if len(spatial) == 1 else x.reshape(b, c, n)
     if weight is None:
         return x3, None
 
@@ -60,7 +61,7 @@ def canonicalise(x, weight) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise ValueError(
             f"weight must have shape {shapes} to match x of shape {tuple(x.shape)}; got {tuple(weight.shape)}"
         )
-    return x3, weight.reshape(b, n)
+    return x3, (weight if weight.dim() == 2 else weight.reshape(b, n))
 
 
 # The supported Newton-Schulz step counts, docs/math.md ("How many steps"): in float32 the coupled iteration
@@ -70,6 +71,10 @@ MAX_ITERS = 20
 
 
 def check_options(iters, eps, order) -> None:
+    # The common case first, without the abstract-class checks below (isinstance of numbers.Integral: ~1 us a call).
+    if type(iters) is int and type(eps) is float and 1 <= iters <= MAX_ITERS and 0 <= eps < math.inf:
+        if order in ORDERS:
+            return
     if isinstance(iters, bool) or not isinstance(iters, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"iters must be an int in [1, {MAX_ITERS}]; got {iters!r} ({type(iters).__name__})")
     if not 1 <= iters <= MAX_ITERS:
@@ -98,10 +103,14 @@ def check_keep_iterates(keep_iterates) -> None:
         )
 
 
+_NORMAL_RANGE = {dtype: (torch.finfo(dtype).tiny, torch.finfo(dtype).max) for dtype in FLOAT_DTYPES}
+
+
 def check_eps_representable(eps, dtype: torch.dtype) -> None:
     """ValueError unless eps > 0 survives the cast to the compute dtype (neither 0 nor inf there)."""
-    finfo = torch.finfo(dtype)
-    if eps != 0 and not finfo.tiny <= eps <= finfo.max:
+    tiny, largest = _NORMAL_RANGE[dtype]
+    if eps != 0 and not tiny <= eps <= largest:
+        finfo = torch.finfo(dtype)
         raise ValueError(
             f"eps must be 0 or between {finfo.tiny:.3g} and {finfo.max:.3g} to be representable in the compute "
             f"dtype {dtype} (a normal number: smaller would vanish or lose precision on the diagonal); got {eps!r}"

@@ -102,10 +102,12 @@ def cov_pool(
     # iterates would only hold memory.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     keep = needs_grad and (chosen.keep_iterates if keep_iterates is None else keep_iterates)
+    # (casts only where the dtype changes: each .to() is a call, and a call's fixed cost is what small shapes pay)
     with no_autocast(x3.device.type):
-        wc = None if w2 is None else w2.to(dtype)
-        out = chosen.pool(x3.to(dtype), wc, int(iters), float(eps), order, precision, keep)
-    return out.to(x.dtype)
+        xc = x3 if x3.dtype == dtype else x3.to(dtype)
+        wc = None if w2 is None else (w2 if w2.dtype == dtype else w2.to(dtype))
+        out = chosen.pool(xc, wc, int(iters), float(eps), order, precision, keep)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _transformed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
