@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=(
             "the (C, N) shapes users run, " + " ".join(f"({c},{n})" for c, n in REGIMES) + ", at one B "
             "(16 CPU, 64 CUDA; --B overrides), fwd+bwd only unless --modes, every baseline but compile-ref unless "
-            "--baselines, 3 timed calls; writes JSON and a PNG under benchmarks/results/ unless --json/--plot"
+            "--baselines, 7 timed calls (p50: the baselines' times vary between calls); writes JSON and a PNG under "
+            "benchmarks/results/ unless --json/--plot"
         ),
     )
     p.add_argument("--B", type=int, nargs="+", help="batch sizes (overrides the grid)")
@@ -146,7 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a fast-MPN-COV checkout: time its src/representation/MPNCOV.py MPNCOV layer too",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: 20 CUDA, 5 CPU and --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed calls per measurement (default: 20 CUDA, 5 CPU and --quick, 7 with --regimes on CPU)",
+    )
     p.add_argument("--warmup", type=int, help="untimed calls first (default: 3 CUDA and --quick, 1 CPU)")
     p.add_argument("--json", metavar="PATH", help="write one JSON record per measurement")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: p50 time vs B, one line per backend/baseline")
@@ -186,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--iters must be >= 1; got {args.iters}")
     cuda = args.device.type == "cuda"
     if args.repeats is None:
-        args.repeats = 20 if cuda and not args.quick else 3 if args.regimes else 5
+        args.repeats = 20 if cuda and not args.quick else 7 if args.regimes else 5
     if args.warmup is None:  # the --quick calls take a millisecond: three warm-ups cost nothing there
         args.warmup = 3 if cuda or args.quick else 1
     if args.repeats < 1 or args.warmup < 0:
