@@ -66,15 +66,18 @@ def time_ms(
     return [call() for _ in range(repeats)]
 
 
-def interleaved_ms(fns: dict, device, rounds: int) -> dict:
-    """{name: [ms per round]}: one untimed call of each fn, then `rounds` rounds that time every fn once,
-    in turn, so that the drifts of a shared machine fall on all of them alike."""
-    for fn in fns.values():
-        fn()
+def interleaved_ms(fns: dict, device, rounds: int, warmup: int = 1, setups: Optional[dict] = None) -> dict:
+    """{name: [ms per round]}: `warmup` untimed calls of each fn, then `rounds` rounds that time every fn once,
+    in turn, so that the drifts of a shared machine fall on all of them alike. setups[name], where given, runs
+    untimed before each call of that fn and passes its result, as time_ms's `setup`."""
+    setups = setups or {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            time_ms(fn, device, warmup=0, repeats=1, setup=setups.get(name))
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name] += time_ms(fn, device, warmup=0, repeats=1)
+            samples[name] += time_ms(fn, device, warmup=0, repeats=1, setup=setups.get(name))
     return samples
 
 

@@ -11,8 +11,8 @@ backward), max relative error against the float64 reference at that shape, and e
 speed-up over each baseline (p50 / p50). docs/benchmark.md explains every column.
 
 --regimes times fwd+bwd on the (C, N) shapes users run (REGIMES: C from 64 to 512; N = 49, 196, 784) at one B
-(16 on CPU, 64 on CUDA), prints one more table (a column per shape) and writes JSON and a PNG under
-benchmarks/results/ unless --json / --plot say where.
+(16 on CPU, 64 on CUDA), the methods' calls at a shape taking turns, prints one more table (a column per shape)
+and writes JSON and a PNG under benchmarks/results/ unless --json / --plot say where.
 """
 
 from __future__ import annotations
@@ -32,7 +32,16 @@ import torch
 import threeg_kernels
 from benchmarks import baselines
 from benchmarks.baselines import BASELINES, Method, UpstreamImportError
-from benchmarks.common import device_name, make_inputs, markdown_table, peak_mb, percentiles, rel_err, time_ms
+from benchmarks.common import (
+    device_name,
+    interleaved_ms,
+    make_inputs,
+    markdown_table,
+    peak_mb,
+    percentiles,
+    rel_err,
+    time_ms,
+)
 from benchmarks.flops import MODES, cov_pool_flops
 from threeg_kernels import dispatch, reference
 from threeg_kernels._validate import PRECISIONS
@@ -108,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=(
             "the (C, N) shapes users run, " + " ".join(f"({c},{n})" for c, n in REGIMES) + ", at one B "
             "(16 CPU, 64 CUDA; --B overrides), fwd+bwd only unless --modes, every baseline but compile-ref unless "
-            "--baselines, 7 timed calls (p50: the baselines' times vary between calls); writes JSON and a PNG under "
+            "--baselines, 7 timed calls of each, the methods taking turns; writes JSON and a PNG under "
             "benchmarks/results/ unless --json/--plot"
         ),
     )
@@ -371,8 +380,18 @@ def method_errors(method: Method, truth: Truth, x, weight, grad, iters, ctx_fact
     return {"fwd": e_out, "bwd": max(e_dx, e_dw), "full": max(e_out, e_dx, e_dw)}, "reference, float64"
 
 
-def measure(method: Method, x, weight, grad, truth: Truth, dtype_name: str, args: argparse.Namespace) -> list[dict]:
-    """One record per mode of `method` at the shape of x, in dtype `dtype_name`."""
+def measure(
+    method: Method,
+    x,
+    weight,
+    grad,
+    truth: Truth,
+    dtype_name: str,
+    args: argparse.Namespace,
+    timings: Optional[dict] = None,
+) -> list[dict]:
+    """One record per mode of `method` at the shape of x, in dtype `dtype_name`; timings[mode], where given, are
+    its calls' milliseconds (interleaved with the other methods': interleaved_timings), else its calls run here."""
     device, iters = args.device, args.iters
     ctx_factory = functools.partial(_autocast, device, dtype_name)
     errs, err_vs = method_errors(method, truth, x, weight, grad, iters, ctx_factory)
@@ -383,7 +402,8 @@ def measure(method: Method, x, weight, grad, truth: Truth, dtype_name: str, args
     records = []
     for mode in args.modes:
         fn, setup = mode_calls(mode, method, x, weight, grad, iters, ctx_factory)
-        ms = percentiles(time_ms(fn, device, args.warmup, args.repeats, setup=setup))
+        samples = timings[mode] if timings is not None else time_ms(fn, device, args.warmup, args.repeats, setup=setup)
+        ms = percentiles(samples)
         records.append(
             dict(
                 op=OP,
@@ -428,14 +448,30 @@ def run(args: argparse.Namespace) -> list[dict]:
             for b, c, n in shapes:
                 x, weight, grad = make_inputs(b, c, n, DTYPES[dtype_name], args.device)
                 truth = Truth(x, weight, grad, args.iters)
-                for method in args.methods:
+                # --regimes: every method's calls at a shape in turn (one of each per round), so that a slow spell of
+                # the machine falls on all of them alike instead of on the one timed then: the speed-ups are read
+                # across methods. The other grids time one method after the other.
+                timings = interleaved_timings(args, x, weight, grad, dtype_name) if args.regimes else None
+                for i, method in enumerate(args.methods):
                     if bar is not None:
                         bar.set_description(f"{method.label} B={b} C={c} N={n} {dtype_name}")
-                    records += [{**r, **meta} for r in measure(method, x, weight, grad, truth, dtype_name, args)]
+                    mine = None if timings is None else {mode: timings[i, mode] for mode in args.modes}
+                    records += [{**r, **meta} for r in measure(method, x, weight, grad, truth, dtype_name, args, mine)]
                     if bar is not None:
                         bar.update(1)
     add_speedups(records)
     return records
+
+
+def interleaved_timings(args: argparse.Namespace, x, weight, grad, dtype_name: str) -> dict:
+    """{(method index, mode): [ms of each timed call]} for every method and mode at the shape of x: args.warmup
+    untimed rounds, then args.repeats rounds that call each (method, mode) once, in turn."""
+    ctx_factory = functools.partial(_autocast, args.device, dtype_name)
+    fns, setups = {}, {}
+    for i, method in enumerate(args.methods):
+        for mode in args.modes:
+            fns[i, mode], setups[i, mode] = mode_calls(mode, method, x, weight, grad, args.iters, ctx_factory)
+    return interleaved_ms(fns, args.device, args.repeats, warmup=args.warmup, setups=setups)
 
 
 def _shape_key(r: dict) -> tuple:

@@ -191,6 +191,11 @@ def test_interleaved_ms_and_markdown_table():
     assert calls == ["a", "b"] * 3  # one untimed call each, then two rounds in turn
     assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2}
     assert markdown_table(["x", "y"], [["1", "2"]]) == "| x | y |\n|---|---|\n| 1 | 2 |"
+    # with setups (what a backward-only timing needs): each call gets a fresh setup result; warmup=0: no untimed call
+    calls.clear()
+    fns = {"a": lambda s: calls.append(("a", s)), "b": lambda: calls.append("b")}
+    samples = interleaved_ms(fns, "cpu", rounds=2, warmup=0, setups={"a": lambda: "fresh"})
+    assert calls == [("a", "fresh"), "b"] * 2
 
 
 def test_saved_tensor_bytes_counts_each_storage_once():
@@ -277,6 +282,23 @@ def test_regimes_grid_tables_json_and_plot(tmp_path, capsys, monkeypatch):
     assert baselines_run == set(BASELINES) - {"compile-ref"}
     assert "| ms p50 | C=6 N=4 | C=5 N=9 |" in table and "| torch vs isqrt-style * |" in table
     assert out_png.stat().st_size > 0
+    # the methods' timed calls at a shape take turns (one each per round), so that the speed-ups compare calls
+    # made in the same spell of the machine: a spy on the timer sees the labels cycle
+    order = []
+    time_ms = pool_speed.time_ms
+
+    def spy(fn, device, warmup=1, repeats=5, setup=None):
+        order.append(fn)
+        return time_ms(fn, device, warmup, repeats, setup)
+
+    monkeypatch.setattr(pool_speed, "REGIMES", [(6, 4)])
+    monkeypatch.setattr("benchmarks.common.time_ms", spy)
+    main(["--regimes", "--B", "2", "--repeats", "3", "--warmup", "1", "--no-progress", "--json", str(out_json)])
+    methods = len(baselines_run) + len({r["backend"] for r in records if r["kind"] == "backend"})
+    assert len(order) == 4 * methods  # one untimed round, three timed ones
+    assert order[:methods] == order[methods : 2 * methods] == order[3 * methods :]
+    assert len(set(map(id, order[:methods]))) == methods
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--regimes", "--C", "64"])
     assert "--regimes sets C and N itself" in capsys.readouterr().err
