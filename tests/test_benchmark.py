@@ -196,6 +196,9 @@ def test_interleaved_ms_and_markdown_table():
     fns = {"a": lambda s: calls.append(("a", s)), "b": lambda: calls.append("b")}
     samples = interleaved_ms(fns, "cpu", rounds=2, warmup=0, setups={"a": lambda: "fresh"})
     assert calls == [("a", "fresh"), "b"] * 2
+    calls.clear()
+    interleaved_ms(fns, "cpu", rounds=3, warmup=0, setups={"a": lambda: "fresh"}, rotate=True)
+    assert calls == [("a", "fresh"), "b", "b", ("a", "fresh"), ("a", "fresh"), "b"]
 
 
 def test_saved_tensor_bytes_counts_each_storage_once():
@@ -295,9 +298,11 @@ def test_regimes_grid_tables_json_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("benchmarks.common.time_ms", spy)
     main(["--regimes", "--B", "2", "--repeats", "3", "--warmup", "1", "--no-progress", "--json", str(out_json)])
     methods = len(baselines_run) + len({r["backend"] for r in records if r["kind"] == "backend"})
-    assert len(order) == 4 * methods  # one untimed round, three timed ones
-    assert order[:methods] == order[methods : 2 * methods] == order[3 * methods :]
-    assert len(set(map(id, order[:methods]))) == methods
+    assert len(order) == 4 * methods  # one untimed round, three timed ones, each a rotation of the first
+    first = order[:methods]
+    assert len(set(map(id, first))) == methods
+    for r in range(3):
+        assert order[(r + 1) * methods : (r + 2) * methods] == first[r:] + first[:r]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--regimes", "--C", "64"])
