@@ -14,8 +14,8 @@
 // divided differences computed by the pair recursion (18) without cancellation.
 //   forward:  Xc (1); P = Xc Xc^T, tr and A (1)-(2); Eigh of A; eigenvalues refined through R = V Xc (20);
 //             p(L) (16); Y = V^T (p(L) V); out = sqrt(tr) Y packed in order (6)-(8)
-//   backward: dY_K (9) and <grad, out>; M = D o (V dY V^T) (17)-(18); <dA, A> and dA Xc (19) (dA formed first
-//             when N > C); c and dX_w (13)-(14); dX, dw (14)
+//   backward: dY_K (9); <grad, out> = <dY, Y> = sum_i p(l_i) (V dY V^T)_ii; M = D o (V dY V^T) (17)-(18);
+//             <dA, A> and dA Xc (19) (dA formed first when N > C); c and dX_w (13)-(14); dX, dw (14)
 //   saved (21): per sample [V = U^T (C x C, row-major), L (C)], shape (B, C (C + 1)).
 //
 // The Gram route, docs/math.md (24)-(29), when N is small against C: A = a I + B B^T with B = Xc / sqrt(N tr),
@@ -26,7 +26,8 @@
 //   forward:  Xc, tr = |Xc|^2 / N + C eps (no C x C product: the op's A output is empty on this route, which
 //             never reads it); M = Xc^T Xc / (N tr); Eigh of M; W = Xc V^T / sqrt(N tr), m refined as |W_i|^2
 //             (24); p(a), q (26); Y = p(a) I + (W diag(q)) W^T; out packed
-//   backward: dY_K (9); GW = dY W, H = W^T GW (its lower triangle); q, h, F (26); E of (28) in place of H;
+//   backward: dY_K (9); GW = dY W, H = W^T GW (its lower triangle); q, h, F (26); <grad, out> = <dY, Y> =
+//             p(a) trace(dY) + sum_i q_i H_ii; E of (28) in place of H;
 //             <dA, A> (29); dA Xc = sqrt(N tr) (GW diag(q) + W E) V (28); c and dX_w (13)-(14)
 //   saved (21): per sample [V (N x N, row-major), m (N), W (C x N, row-major)], shape (B, N (N + 1 + C)), below
 //             the C x C route's A and [V, L] (2 C^2 + C) at every N < C; keeping W spares the backward a C N^2
@@ -761,12 +762,14 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
         const scalar_t* slot = saved ? sd + b * slot_n : own;
 
         // dY_K = sqrt(tr) sym(G_S), docs/math.md (9): the triangle into its half of dY row by row, then mirrored;
-        // <grad, out> and trace(dY).
+        // trace(dY). <grad, out> of (13) equals <dY, Y> (out packs sqrt(tr) Y, and dY weighs each off-diagonal entry
+        // of the triangle half on each side): it is taken below from what each route forms anyway, the diagonal of
+        // V dY V^T or of W^T dY W, so the backward never reads `out` (B C (C + 1) / 2 values: 8.4 MB at B = 16,
+        // C = 512, read from memory when another computation has filled the caches since the forward).
         const scalar_t* g = grad.const_data_ptr<scalar_t>() + b * tri;
-        const scalar_t* o = out.const_data_ptr<scalar_t>() + b * tri;
         scalar_t* dy = dY.data();
         const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b)), half_root = root * scalar_t(0.5);
-        const double grad_out = dot_as_double(g, o, tri);
+        double grad_out = 0;
         double trace_dy = 0;
         for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
           scalar_t* row = dy + i * c;
@@ -796,13 +799,16 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           const std::vector<double>&q = recursion.q, &h = recursion.h;
           gemm<scalar_t>(false, false, c, n, c, 1, dy, c, W, n, 0, GW, n);  // dY W
           gemm_lower_tn<scalar_t>(n, c, 1, W, GW, n, H, n);                  // W^T dY W, its lower triangle
-          // <dA, A> = a trace(dA) + trace(W^T dA W), docs/math.md (29), from the diagonal of H before E replaces it.
+          // <dA, A> = a trace(dA) + trace(W^T dA W), docs/math.md (29), from the diagonal of H before E replaces it;
+          // <dY, Y> = p(a) trace(dY) + sum_i q_i H_ii, Y = p(a) I + W diag(q) W^T (25).
           double trace_dA = recursion.dpa * trace_dy, inner = 0;
+          grad_out = recursion.pa * trace_dy;
           for (int64_t i = 0; i < n; ++i) {
             recursion.row(i, frow.data(), fscratch.data());
             const double mi = m[i], fii = frow[i], hii = H[i * n + i];
             trace_dA += (2 * h[i] + fii * mi) * hii;
             inner += (q[i] + mi * h[i] + mi * mi * fii) * hii;
+            grad_out += q[i] * hii;
             // E = diag(h) H + (F o H) diag(m), docs/math.md (28), over the row's j < i and their mirrors, from H's
             // lower triangle (no entry of it is written before its row is reached)
             for (int64_t j = 0; j < i; ++j) {
@@ -841,6 +847,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           scalar_t* zs = ys + iters * c;
           scalar_t* ts = zs + iters * c;
           trajectories<scalar_t>(l, c, iters, ys, zs, ts, p.data());
+          for (int64_t i = 0; i < c; ++i) grad_out += static_cast<double>(p[i]) * M[i * (c + 1)];  // <dY, Y>, (16)
           dA_dot_A = scale_by_divided_differences<scalar_t>(M, l, c, iters, ys, zs, ts, ddy.data(), ddz.data());
 
           if (via_eigenbasis) {
