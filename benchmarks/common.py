@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -67,14 +68,15 @@ def time_ms(
 
 
 def interleaved_ms(
-    fns: dict, device, rounds: int, warmup: int = 1, setups: Optional[dict] = None, rotate: bool = False
+    fns: dict, device, rounds: int, warmup: int = 1, setups: Optional[dict] = None, shuffle: bool = False
 ) -> dict:
     """{name: [ms per round]}: `warmup` untimed calls of each fn, then `rounds` rounds that time every fn once,
     in turn, so that the drifts of a shared machine fall on all of them alike. setups[name], where given, runs
-    untimed before each call of that fn and passes its result, as time_ms's `setup`. rotate: round r starts at
-    the r-th fn (mod their number), so that no fn always follows the same one (a call runs slower after one that
-    filled the caches with its own data: 15-16% slower, measured for cov_pool at C = 64, N = 196 (1.5 ms) right after
-    the original fast-MPN-COV code (6 ms))."""
+    untimed before each call of that fn and passes its result, as time_ms's `setup`. shuffle: each timed round in
+    its own order (seeded by the round's index: the same in every run), so that no fn always follows the same one
+    (a call runs slower after one that filled the caches with its own data: 15-16% slower, measured for cov_pool at
+    C = 64, N = 196 (1.5 ms) right after the original fast-MPN-COV code (6 ms)); in a fixed order, or any rotation
+    of one, each fn has the same predecessor in every round."""
     setups = setups or {}
     names = list(fns)
     for _ in range(warmup):
@@ -82,8 +84,10 @@ def interleaved_ms(
             time_ms(fns[name], device, warmup=0, repeats=1, setup=setups.get(name))
     samples = {name: [] for name in names}
     for r in range(rounds):
-        start = r % len(names) if rotate and names else 0
-        for name in names[start:] + names[:start]:
+        order = list(names)
+        if shuffle:
+            random.Random(r).shuffle(order)
+        for name in order:
             samples[name] += time_ms(fns[name], device, warmup=0, repeats=1, setup=setups.get(name))
     return samples
 

@@ -465,14 +465,14 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def interleaved_timings(args: argparse.Namespace, x, weight, grad, dtype_name: str) -> dict:
     """{(method index, mode): [ms of each timed call]} for every method and mode at the shape of x: args.warmup
-    untimed rounds, then args.repeats rounds that call each (method, mode) once, in turn, each round starting one
-    method further on (no method always runs right after the same one)."""
+    untimed rounds, then args.repeats rounds that call each (method, mode) once, each round in its own (seeded)
+    order, so that no method always runs right after the same one."""
     ctx_factory = functools.partial(_autocast, args.device, dtype_name)
     fns, setups = {}, {}
     for i, method in enumerate(args.methods):
         for mode in args.modes:
             fns[i, mode], setups[i, mode] = mode_calls(mode, method, x, weight, grad, args.iters, ctx_factory)
-    return interleaved_ms(fns, args.device, args.repeats, warmup=args.warmup, setups=setups, rotate=True)
+    return interleaved_ms(fns, args.device, args.repeats, warmup=args.warmup, setups=setups, shuffle=True)
 
 
 def _shape_key(r: dict) -> tuple:
