@@ -41,4 +41,5 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
