@@ -110,34 +110,25 @@ inline void check_blas_sizes(const char* op, int64_t c, int64_t n) {
   TORCH_CHECK(big * big < limit, op, ": C and N must have C^2, C N, N^2 below 2^31 on CPU; got C = ", c, ", N = ", n);
 }
 
-// sum_i of v[i] (kind kValues), v[i]^2 (kSquares) or v[i] w[i] (kProducts), accumulated in double: the inputs
-// converted a register of doubles at a time into four vector accumulators (one double chain is latency-bound, and
-// the compiler may not reorder a floating-point sum itself), their lanes summed pairwise at the end. A version
-// written as 16 partial sums in an array, which the compiler vectorised but kept, reduced and finished through the
-// stack, took ~10% of the backward at C = 64, N = 196 (the centring and the backward's row means call it once per
-// row of N).
-enum SumKind { kValues, kSquares, kProducts };
-
-template <SumKind kind, typename scalar_t>
-double sum_as_double_of(const scalar_t* __restrict v, const scalar_t* __restrict w, int64_t n) {
+// sum_i v[i] (or v[i]^2) accumulated in double: the inputs converted a register of doubles at a time into four
+// vector accumulators (one double chain is latency-bound, and the compiler may not reorder a floating-point sum
+// itself), their lanes summed pairwise at the end. A version written as 16 partial sums in an array, which the
+// compiler vectorised but kept, reduced and finished through the stack, took ~10% of the backward at C = 64,
+// N = 196 (the centring and the backward's row means call it once per row of N).
+template <bool squares, typename scalar_t>
+double sum_as_double(const scalar_t* v, int64_t n) {
   // One register of doubles (kLanes), converted from kLanes inputs (half a register of float); four accumulators.
   // Everything is one register wide: GCC keeps vectors wider than the hardware's in memory.
   constexpr int64_t kLanes = THREEG_VECTOR_BYTES / sizeof(double);
   typedef double Acc __attribute__((vector_size(THREEG_VECTOR_BYTES)));
   typedef scalar_t In __attribute__((vector_size(kLanes * sizeof(scalar_t))));
+  // (the vectors pass by reference: a vector argument or result wider than the baseline's registers draws GCC's
+  // ABI warning)
   auto add = [&](Acc& s, int64_t i) {
     In x;
     __builtin_memcpy(&x, v + i, sizeof(In));
     const Acc d = __builtin_convertvector(x, Acc);
-    if constexpr (kind == kSquares) {
-      s += d * d;
-    } else if constexpr (kind == kProducts) {
-      In y;
-      __builtin_memcpy(&y, w + i, sizeof(In));
-      s += d * __builtin_convertvector(y, Acc);
-    } else {
-      s += d;
-    }
+    s += squares ? d * d : d;
   };
   Acc s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
@@ -154,28 +145,13 @@ double sum_as_double_of(const scalar_t* __restrict v, const scalar_t* __restrict
   for (int64_t h = kLanes / 2; h >= 1; h /= 2)
     for (int64_t r = 0; r < h; ++r) lanes[r] += lanes[r + h];
   double sum = lanes[0];
-  for (; i < n; ++i) {
-    const double x = v[i];
-    sum += kind == kSquares ? x * x : kind == kProducts ? x * static_cast<double>(w[i]) : x;
-  }
+  for (; i < n; ++i) sum += squares ? static_cast<double>(v[i]) * v[i] : v[i];
   return sum;
-}
-
-// sum_i v[i] (or v[i]^2) in double
-template <bool squares, typename scalar_t>
-double sum_as_double(const scalar_t* v, int64_t n) {
-  return sum_as_double_of<squares ? kSquares : kValues>(v, v, n);
 }
 
 template <typename scalar_t>
 double sum_as_double(const scalar_t* v, int64_t n) {
   return sum_as_double<false>(v, n);
-}
-
-// sum_i a[i] b[i] in double
-template <typename scalar_t>
-double dot_as_double(const scalar_t* a, const scalar_t* b, int64_t n) {
-  return sum_as_double_of<kProducts>(a, b, n);
 }
 
 // Copies one triangle of the c x c row-major m (below the diagonal if from_lower, else above it) onto the other,
@@ -720,7 +696,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
   Tensor dx = at::empty_like(x);
   Tensor dw = weighted ? at::empty_like(*weight) : at::empty({0}, x.options());
   if (b_n == 0) return {dx, dw};
-  const Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), A = A_in.contiguous(), tr = tr_in.contiguous();
+  // (`out` is only checked: the backward takes <grad, out> from its own products)
+  const Tensor grad = grad_in.contiguous(), A = A_in.contiguous(), tr = tr_in.contiguous();
   const Tensor slots = saved ? iterates.contiguous() : iterates;
   // C x C route: apply dA to Xc without forming dA while that is cheaper (N <= C: 3 C^2 N flops against
   // 2 C^3 + C^2 N).

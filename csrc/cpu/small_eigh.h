@@ -329,19 +329,18 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
   // The transpose in blocks of one vector register square (ld is a multiple of kLanes, so of the vector width; the
   // padding is zero in both), each block transposed in registers (transpose_block): element by element through a
   // tile in memory it took ~12 of the ~57 us of form_qt at n = 128.
-  constexpr int64_t kV = kVector;
-  for (int64_t i0 = 0; i0 < ld; i0 += kV) {
-    for (int64_t j0 = 0; j0 < n; j0 += kV) {
-      Vec r[kV];
-      for (int64_t i = 0; i < kV; ++i) {
+  for (int64_t i0 = 0; i0 < ld; i0 += kVector) {
+    for (int64_t j0 = 0; j0 < n; j0 += kVector) {
+      Vec r[kVector];
+      for (int64_t i = 0; i < kVector; ++i) {
         if (i0 + i < n) {
           __builtin_memcpy(&r[i], q + (i0 + i) * ld + j0, sizeof(Vec));
         } else {
           r[i] = Vec{};
         }
       }
-      transpose_block<kV / 2>(r);
-      for (int64_t j = 0; j < kV && j0 + j < n; ++j) __builtin_memcpy(qt + (j0 + j) * ld + i0, &r[j], sizeof(Vec));
+      transpose_block<kVector / 2>(r);
+      for (int64_t j = 0; j < kVector && j0 + j < n; ++j) __builtin_memcpy(qt + (j0 + j) * ld + i0, &r[j], sizeof(Vec));
     }
   }
 }
