@@ -140,11 +140,7 @@ double sum_as_double(const scalar_t* v, int64_t n) {
   }
   for (; i + kLanes <= n; i += kLanes) add(s0, i);
   s0 = (s0 + s1) + (s2 + s3);
-  double lanes[kLanes];
-  __builtin_memcpy(lanes, &s0, sizeof(lanes));
-  for (int64_t h = kLanes / 2; h >= 1; h /= 2)
-    for (int64_t r = 0; r < h; ++r) lanes[r] += lanes[r + h];
-  double sum = lanes[0];
+  double sum = small_eigh_detail::sum_lanes<kLanes / 2>(s0);
   for (; i < n; ++i) sum += squares ? static_cast<double>(v[i]) * v[i] : v[i];
   return sum;
 }

@@ -72,6 +72,23 @@ THREEG_INLINE void sum_rows(const T* __restrict rows_p, int64_t ld, const T* __r
   for (; j < rows; ++j) axpy(alpha * coef[j], rows_p + j * ld, out, n);
 }
 
+// The lanes of v summed pairwise in registers: lane i + h onto lane i for h = half the lanes, a quarter, ... 1 (a
+// shuffle and an add a stage), the same sums as through an array (bit for bit), without the store and the loads.
+template <int kHalf, typename Vec, std::size_t... L>
+THREEG_INLINE Vec fold_lanes(Vec v, std::index_sequence<L...>) {
+  return v + __builtin_shufflevector(v, v, static_cast<int>((L + kHalf) % sizeof...(L))...);
+}
+
+template <int kHalf, typename Vec>
+THREEG_INLINE auto sum_lanes(Vec v) {
+  if constexpr (kHalf >= 1) {
+    constexpr std::size_t kLane = sizeof(Vec) / sizeof(v[0]);
+    return sum_lanes<kHalf / 2>(fold_lanes<kHalf>(v, std::make_index_sequence<kLane>()));
+  } else {
+    return v[0];
+  }
+}
+
 // x . y in vector registers (two accumulators), their lanes summed pairwise, the last n mod kVector products in
 // four partial sums: four scalar chains run at a quarter of one vector register's throughput (per step of the
 // tridiagonalisation, its two products of length n - k took as long as the whole update of the trailing block).
@@ -97,12 +114,8 @@ THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
     s0 += x0 * y0;
     k += kVector;
   }
-  T lanes[kVector];
   s0 += s1;
-  __builtin_memcpy(lanes, &s0, sizeof(Vec));
-  for (int64_t h = kVector / 2; h >= 1; h /= 2)
-    for (int64_t i = 0; i < h; ++i) lanes[i] += lanes[i + h];
-  T t[4] = {lanes[0], 0, 0, 0};
+  T t[4] = {sum_lanes<kVector / 2>(s0), 0, 0, 0};
   for (int64_t i = 0; k < n; ++k, ++i) t[i & 3] += x[k] * y[k];
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
