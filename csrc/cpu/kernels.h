@@ -154,9 +154,9 @@ double sum_as_double(const scalar_t* v, int64_t n) {
 // Where a vector register holds 8 or more elements: in square blocks of one register a row, each transposed in
 // registers (small_eigh_detail::transpose_block) and stored a row at a time, the rows past the last whole block
 // element by element; element by element throughout (strided stores down the columns) the copy of the backward's
-// C x C dY took ~15% of the backward's own loops at C = 384, N = 196 (the copy alone: 42 -> 15 us at C = 384, 71 ->
-// 30 us at C = 512, float32 with AVX-512). With 2 or 4 elements a register, blocks that small transpose slower than
-// tiles of 16 x 16 copied element by element, which run there.
+// C x C dY took ~15% of the backward's own loops at C = 384, N = 196 (the copy alone: 41-45 -> 15 us at C = 384,
+// 71-80 -> 29-31 us at C = 512, float32 with AVX-512). With 2 or 4 elements a register, blocks that small transpose
+// slower than tiles of 16 x 16 copied element by element, which run there.
 template <typename scalar_t>
 void mirror(scalar_t* m, int64_t c, bool from_lower) {
   constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(scalar_t);
