@@ -252,20 +252,20 @@ def one_thread():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c, n", [(24, 40), (64, 196), (48, 20)], ids=["cxc", "cxc-64", "gram"])
 def test_samples_solved_together_equal_each_alone(monkeypatch, one_thread, isa, dtype, c, n):
-    """The forward solves the eigenproblems of up to four samples together (their QL iterations interleaved, the
-    rotations recorded and applied afterwards in column blocks); a sample alone applies each rotation at once.
-    Every element goes through the same operations in the same order either way, so the results are equal, bit
-    for bit, in every instruction-set variant: B = 7 on one thread is a full group and a partial one, with a
-    non-finite sample inside the latter (NaN there, and only there)."""
+    """The forward solves the eigenproblems of up to eight samples together (their QL iterations in lockstep, one
+    a vector lane, the rotations recorded and applied afterwards in column blocks); a sample alone applies each
+    rotation at once. Every element goes through the same operations in the same order either way, so the results
+    are equal, bit for bit, in every instruction-set variant: B = 11 on one thread is a full group and a partial
+    one, with a non-finite sample inside the latter (NaN there, and only there)."""
     if isa not in _cpu_variants():
         pytest.skip(f"this CPU does not run the {isa} variant (test_every_instruction_set_variant checks the refusal)")
     monkeypatch.setenv("THREEG_EXT_ISA", isa)
-    x, w, g = make_case(7, c, n, weighted=True, dtype=dtype, seed=c)
-    x[5, 1, 2] = float("nan")
+    x, w, g = make_case(11, c, n, weighted=True, dtype=dtype, seed=c)
+    x[9, 1, 2] = float("nan")
     whole = run_pool("ext", x, w, g)
-    for b in range(7):
+    for b in range(11):
         alone = run_pool("ext", x[b : b + 1], w[b : b + 1], g[b : b + 1])
-        if b == 5:
+        if b == 9:
             assert all(torch.isnan(t[b]).any() for t in whole), "the non-finite sample must give NaN"
             continue
         for name, together, single in zip(("out", "dx", "dweight"), whole, alone):

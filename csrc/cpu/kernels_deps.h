@@ -33,6 +33,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 #endif
 
+#include <immintrin.h>  // sqrtps / sqrtpd (small_eigh.h: lane_sqrt)
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>

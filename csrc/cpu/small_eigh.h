@@ -7,12 +7,13 @@
 // LAPACK's syevd spends most of its time in calls to general BLAS-2 kernels and in the set-up of its
 // divide-and-conquer stage (crossover measured in docs/ext.md).
 //
-// A group of up to kGroup matrices is solved together: each QL iteration is a chain of dependent scalar operations
-// (a square root, a division and four products a rotation, ~45 cycles), so one matrix leaves the core mostly
-// idle. The group's chains are advanced a rotation each in turn, which lets the core overlap them; their rotations
-// are recorded and applied afterwards, two sweeps at a time in column blocks that keep the carried rows in
-// registers (one load and one store a row for both sweeps, where applying each rotation at once loads and stores
-// two rows). A group of one applies each rotation at once: there the rows' updates overlap the chain's latency.
+// A group of up to kGroup matrices is solved together: each QL iteration is a chain of dependent operations (a
+// square root, a division and four products a rotation, ~50 cycles), so one matrix leaves the core mostly idle.
+// The group's iterations run in lockstep, one matrix a vector lane (QLChain::run_lockstep), so that one vector
+// instruction does the same step of every chain; their rotations are recorded and applied afterwards, two sweeps
+// at a time in column blocks that keep the carried rows in registers (one load and one store a row for both
+// sweeps, where applying each rotation at once loads and stores two rows). A group of one applies each rotation
+// at once (QLChain::step): there the rows' updates overlap the chain's latency.
 //
 // Storage: `a` row-major n x n, both triangles, read only; `v` (n x n, row-major) receives the eigenvectors as
 // rows, `l` (n) the eigenvalues in ascending order, as syevd gives them. A matrix whose QL iteration has not
@@ -87,6 +88,47 @@ THREEG_INLINE auto sum_lanes(Vec v) {
   } else {
     return v[0];
   }
+}
+
+// v <- the square root of each of its lanes (v a GCC vector of float or double): sqrtps / sqrtpd on each of its
+// parts of one vector register of the variant (THREEG_VECTOR_BYTES), correctly rounded as std::sqrt is (whose
+// errno branch keeps the compiler from vectorising a loop of it).
+template <typename Vec>
+THREEG_INLINE void lane_sqrt(Vec& v) {
+  typedef decltype(v[0] + 0) T;
+  constexpr std::size_t kBytes = sizeof(Vec) < THREEG_VECTOR_BYTES ? sizeof(Vec) : THREEG_VECTOR_BYTES;
+  typedef T Part __attribute__((vector_size(kBytes)));
+  for (std::size_t k = 0; k < sizeof(Vec); k += kBytes) {
+    Part x;
+    __builtin_memcpy(&x, reinterpret_cast<const char*>(&v) + k, kBytes);
+    if constexpr (kBytes == 16 && sizeof(T) == 4) {
+      x = (Part)_mm_sqrt_ps((__m128)x);
+    } else if constexpr (kBytes == 16) {
+      x = (Part)_mm_sqrt_pd((__m128d)x);
+#if THREEG_VECTOR_BYTES >= 32
+    } else if constexpr (kBytes == 32 && sizeof(T) == 4) {
+      x = (Part)_mm256_sqrt_ps((__m256)x);
+    } else if constexpr (kBytes == 32) {
+      x = (Part)_mm256_sqrt_pd((__m256d)x);
+#endif
+#if THREEG_VECTOR_BYTES >= 64
+    } else if constexpr (sizeof(T) == 4) {
+      x = (Part)_mm512_sqrt_ps((__m512)x);
+    } else {
+      x = (Part)_mm512_sqrt_pd((__m512d)x);
+#endif
+    }
+    __builtin_memcpy(reinterpret_cast<char*>(&v) + k, &x, kBytes);
+  }
+}
+
+// Whether any lane of the vector comparison result m is set.
+template <typename Mask>
+THREEG_INLINE bool any_lane(Mask m) {
+  long long w[sizeof(Mask) / sizeof(long long)], any = 0;
+  __builtin_memcpy(w, &m, sizeof(Mask));
+  for (std::size_t k = 0; k < sizeof(Mask) / sizeof(long long); ++k) any |= w[k];
+  return any != 0;
 }
 
 // x . y in vector registers (two accumulators), their lanes summed pairwise, the last n mod kVector products in
@@ -358,11 +400,16 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
   }
 }
 
-// The implicit QL iteration with Wilkinson shifts on T (d, e), one plane rotation (or one sweep's set-up) per
-// step(), so that the chains of several matrices can be interleaved. Each rotation acts on rows i, i + 1 of the
-// eigenvector rows vt (n rows of stride ld): at once (Record = false) or recorded as (c, s) with the sweeps' rows
-// for apply_rotations. Once step() returns false, d holds the eigenvalues (unsorted) and the rows (after
-// apply_rotations) the matching eigenvectors, unless failed().
+// The matrices whose QL iterations QLChain::run_lockstep runs together, one a vector lane, and the stride of its
+// records (per round, the c of every lane, then the s).
+constexpr int kLanesQL = 8;
+constexpr int64_t kRecStride = 2 * kLanesQL;
+
+// The implicit QL iteration with Wilkinson shifts on T (d, e) of one matrix, one plane rotation (or one sweep's
+// set-up) per step(), each rotation applied at once to rows i, i + 1 of the eigenvector rows vt (n rows of stride
+// ld); or the iterations of a group of matrices in lockstep (run_lockstep), their rotations recorded as (c, s)
+// with the sweeps' rows and applied by apply_rotations(). Once step() returns false (or run_lockstep returns), d
+// holds the eigenvalues (unsorted) and the rows (after apply_rotations) the matching eigenvectors, unless failed().
 template <typename T>
 class QLChain {
  public:
@@ -376,7 +423,6 @@ class QLChain {
     i_ = -1;
     sweep_ = 0;
     failed_ = false;
-    rotations_.clear();
     sweeps_.clear();
     // A coupling is negligible below eps |T| (EISPACK's tql2 tests against a running norm the same way). Relative
     // to its two diagonal neighbours instead, it never is among eigenvalues at the rounding level of |T|: the QL
@@ -393,7 +439,6 @@ class QLChain {
   bool failed() const { return failed_; }
 
   // False once every eigenvalue has converged, or when one has not after 30 sweeps (EISPACK's limit; failed()).
-  template <bool Record>
   THREEG_INLINE bool step() {
     T *d = d_, *e = e_;
     if (i_ >= l_) {  // within a sweep: the rotation at i chases the bulge one row up, from m towards l
@@ -404,7 +449,7 @@ class QLChain {
       if (r == T(0)) {  // underflow: T splits at i + 1; undo the shift's last part and sweep again
         d[i + 1] -= p_;
         e[m_] = 0;
-        end_sweep<Record>(m_ - 1 - i);
+        i_ = -1;
         return true;
       }
       const T rinv = T(1) / r;  // one division on the iteration's critical path, not two
@@ -415,17 +460,12 @@ class QLChain {
       p_ = s_ * r;
       d[i + 1] = g_ + p_;
       g_ = c_ * r - b;
-      if constexpr (Record) {
-        rotations_.push_back(c_);
-        rotations_.push_back(s_);
-      } else {
-        rotate(vt_ + i * ld_, vt_ + (i + 1) * ld_, c_, s_, ld_);
-      }
+      rotate(vt_ + i * ld_, vt_ + (i + 1) * ld_, c_, s_, ld_);
       if (--i_ < l_) {
         d[l_] -= p_;
         e[l_] = g_;
         e[m_] = 0;
-        end_sweep<Record>(m_ - l_);
+        i_ = -1;
       }
       return true;
     }
@@ -451,17 +491,174 @@ class QLChain {
     p_ = 0;
     m_ = m;
     i_ = m - 1;
-    if constexpr (Record) sweeps_.push_back(m);
     return true;
   }
 
-  // The recorded rotations, applied to vt in column blocks of W vectors: for each sweep, row m is carried in
-  // registers from rotation to rotation (rotation i makes row i + 1 final and leaves the new row i to carry), two
-  // sweeps at a time (apply_block). Each carried vector waits on its previous rotation (a product and a fused
-  // multiply-add, ~8 cycles), so both FMA units need 4 carried vectors at once: two sweeps of 2 vectors do. With
-  // AVX-512's 32 registers, blocks of 8 vectors read the rotations less often (n = 128, one matrix of four: 69 us
-  // against 78 with blocks of 4 and 90 with 2); with the 16 of AVX2 / SSE2, two sweeps of 4 vectors spill (367 us
-  // against 161 with blocks of 2).
+  // The chains ch[j] (j < g, started, live[j]) run to their ends together, chain j in vector lane j, all at the same
+  // row: each round takes one row i for every chain whose current sweep covers it (l_j <= i < m_j), the
+  // rotation's arithmetic (step(): a square root, a division and the products) one vector instruction for all the
+  // lanes, on d and e held interleaved (lane j of row i at i L + j) so that a round loads and stores whole vectors;
+  // the rounds of a pass run from the highest m_j - 1 down to the lowest l_j, and between passes every chain sets
+  // up its next sweep (step()'s set-up: the splitting coupling of all the lanes found by one vector scan, then
+  // each chain's shift). A chain that waits for the others loses its rounds (~5% at n = 64), against a rotation's
+  // latency (~50 cycles) shared by L chains. Each round's (c, s) are recorded as two vectors in `rec`, where
+  // apply_rotations() reads them (set_records). Every chain's rotations, sweeps and values are step()'s, bit for
+  // bit: the same operations on the same operands in the same order (tests/test_ext.py checks the results of
+  // a group against each matrix alone). `work`: 2 L n values.
+  template <int L>
+  static THREEG_INLINE void run_lockstep(QLChain* ch, int g, const bool* live_in, T* work, std::vector<T>& rec) {
+    typedef T Lanes __attribute__((vector_size(L * sizeof(T))));
+    typedef decltype(Lanes{} < Lanes{}) Mask;
+    const int64_t n = ch[0].n_;
+    T *dl = work, *el = dl + L * n;
+    int64_t stop[L], first[L];
+    int sweeps[L];
+    Lanes S = {}, C = {}, G = {}, P = {}, LO = {}, HI = {}, NEG = {};
+    Mask live = {};
+    rec.clear();
+    for (int j = 0; j < L; ++j) {
+      const bool on = j < g && live_in[j];
+      for (int64_t i = 0; i < n; ++i) {
+        dl[i * L + j] = on ? ch[j].d_[i] : T(0);
+        el[i * L + j] = on ? ch[j].e_[i] : T(0);
+      }
+      NEG[j] = on ? ch[j].negligible_ : T(0);
+      live[j] = on ? -1 : 0;
+      sweeps[j] = 0;
+    }
+    const Lanes last = Lanes{} + static_cast<T>(n - 1);
+    Lanes Lv = {};  // l_j: the rows above it have converged
+    for (;;) {
+      // Each live chain's next sweep, as step() sets it up: d[l_j] has converged while the coupling at l_j is
+      // negligible (then l_j moves on by one and looks again); the sweep then runs from m_j, the first row below
+      // whose coupling is negligible (n - 1 if none), up to l_j. For all the lanes in one scan of the rows, in
+      // which no comparison waits on the previous row's (a lane's run of converged rows is a mask, and-ed).
+      int64_t from = n;
+      for (int j = 0; j < L; ++j) {
+        if (live[j]) from = std::min(from, static_cast<int64_t>(Lv[j]));
+      }
+      if (from >= n) break;
+      const Lanes L0 = Lv;
+      Mask run = live, todo = live, moved = {};
+      Lanes Mv = last;
+      for (int64_t i = from; i + 1 < n; ++i) {
+        Lanes E;
+        __builtin_memcpy(&E, el + i * L, sizeof(Lanes));
+        const Lanes I = Lanes{} + static_cast<T>(i);
+        const Mask at = I >= L0;
+        const Mask negligible = (E < T(0) ? -E : E) <= NEG;
+        const Mask converged = at & run & negligible;
+        Lv = converged ? I + T(1) : Lv;
+        moved |= converged;
+        const Mask found = at & ~run & negligible & todo;
+        Mv = found ? I : Mv;
+        todo &= ~found;
+        run &= ~at | negligible;  // a coupling that is not negligible ends the run
+      }
+      live &= ~(todo & (Lv == last));  // l_j = n - 1: the last eigenvalue has converged too
+      int64_t top = -1, bottom = n;
+      for (int j = 0; j < L; ++j) {
+        if (moved[j]) sweeps[j] = 0;
+        if (!live[j]) continue;
+        if (sweeps[j]++ >= 30) {
+          live[j] = 0;
+          ch[j].failed_ = true;
+          continue;
+        }
+        const T* d = dl + j;
+        const T* e = el + j;
+        const int64_t lj = static_cast<int64_t>(Lv[j]), mj = static_cast<int64_t>(Mv[j]);
+        const T gg = (d[(lj + 1) * L] - d[lj * L]) / (T(2) * e[lj * L]);
+        const T r = std::sqrt(gg * gg + T(1));
+        G[j] = d[mj * L] - d[lj * L] + e[lj * L] / (gg + std::copysign(r, gg));
+        stop[j] = lj;  // the sweep's last row, unless T splits within it
+        top = std::max(top, mj - 1);
+        bottom = std::min(bottom, lj);
+      }
+      S = live ? T(1) : S;
+      C = live ? T(1) : C;
+      P = live ? T(0) : P;
+      LO = Lv;
+      HI = live ? Mv - T(1) : T(-1);
+      if (top < 0) break;
+      // rec: the pass's rounds from row top down, (c, s) as two vectors a round
+      const int64_t base = static_cast<int64_t>(rec.size()) / (2 * L);
+      rec.resize(rec.size() + 2 * L * (top - bottom + 1));
+      T* out = rec.data() + 2 * L * base;
+      for (int j = 0; j < L; ++j) first[j] = base + top - (static_cast<int64_t>(Mv[j]) - 1);
+      for (int64_t i = top; i >= bottom; --i, out += 2 * L) {
+        const Lanes I = Lanes{} + static_cast<T>(i);
+        Mask act = (I >= LO) & (I <= HI);
+        Lanes E, D0, D1, E1;
+        __builtin_memcpy(&E, el + i * L, sizeof(Lanes));
+        __builtin_memcpy(&D0, dl + i * L, sizeof(Lanes));
+        __builtin_memcpy(&D1, dl + (i + 1) * L, sizeof(Lanes));
+        __builtin_memcpy(&E1, el + (i + 1) * L, sizeof(Lanes));
+        // step(), the rotation at i (2 c b as c (2 b): the same product, doubling is exact)
+        const Lanes F = S * E, B = C * E, B2 = T(2) * B;
+        Lanes R = F * F + G * G;
+        lane_sqrt(R);
+        E1 = act ? R : E1;
+        const Mask split = act & (R == T(0));  // step(): T splits at i + 1, the sweep ends there
+        Lanes Dn = split ? D1 - P : D1;
+        act &= ~split;
+        const Lanes Rinv = T(1) / R;
+        const Lanes Sn = F * Rinv, Cn = G * Rinv;
+        const Lanes Gt = D1 - P;
+        const Lanes R2 = (D0 - Gt) * Sn + Cn * B2;
+        const Lanes Pn = Sn * R2;
+        Dn = act ? Gt + Pn : Dn;
+        S = act ? Sn : S;
+        C = act ? Cn : C;
+        P = act ? Pn : P;
+        G = act ? Cn * R2 - B : G;
+        __builtin_memcpy(el + (i + 1) * L, &E1, sizeof(Lanes));
+        __builtin_memcpy(dl + (i + 1) * L, &Dn, sizeof(Lanes));
+        __builtin_memcpy(out, &C, sizeof(Lanes));
+        __builtin_memcpy(out + L, &S, sizeof(Lanes));
+        if (__builtin_expect(any_lane(split), 0)) {
+          for (int j = 0; j < L; ++j) {
+            if (split[j]) {  // lane j's sweep ends at row i + 1: no more rounds for it in this pass
+              stop[j] = i + 1;
+              HI[j] = T(-1);
+            }
+          }
+        }
+      }
+      // each sweep's end, as step() has it, and its record: (m, first round, rotations)
+      for (int j = 0; j < L; ++j) {
+        if (!live[j]) continue;
+        const int64_t mj = static_cast<int64_t>(Mv[j]), lj = static_cast<int64_t>(Lv[j]);
+        if (stop[j] == lj) {
+          dl[lj * L + j] -= P[j];
+          el[lj * L + j] = G[j];
+        }
+        el[mj * L + j] = 0;
+        std::vector<int64_t>& sw = ch[j].sweeps_;
+        sw.push_back(mj);
+        sw.push_back(first[j]);
+        sw.push_back(mj - stop[j]);
+      }
+    }
+    for (int j = 0; j < g; ++j) {
+      if (!live_in[j]) continue;
+      for (int64_t i = 0; i < n; ++i) ch[j].d_[i] = dl[i * L + j];
+    }
+  }
+
+  // Where apply_rotations() finds the rotations run_lockstep recorded: lane j of `rec`, c of round r at
+  // rec[2 L r + j], s at rec[(2 r + 1) L + j], read in place.
+  static void set_records(QLChain* ch, int g, const T* rec) {
+    for (int j = 0; j < g; ++j) ch[j].rot_ = rec + j;
+  }
+
+  // The recorded rotations (run_lockstep, set_records), applied to vt in column blocks of W vectors: for each
+  // sweep, row m is carried in registers from rotation to rotation (rotation i makes row i + 1 final and leaves the
+  // new row i to carry), two sweeps at a time (apply_block). Each carried vector waits on its previous rotation (a
+  // product and a fused multiply-add, ~8 cycles), so both FMA units need 4 carried vectors at once: two sweeps of 2
+  // vectors do. With AVX-512's 32 registers, blocks of 8 vectors read the rotations less often (n = 128, one matrix
+  // of four: 69 us against 78 with blocks of 4 and 90 with 2); with the 16 of AVX2 / SSE2, two sweeps of 4 vectors
+  // spill (367 us against 161 with blocks of 2).
   THREEG_INLINE void apply_rotations() {
     int64_t k0 = 0;
     if constexpr (kWideBlock == 8) {
@@ -481,12 +678,6 @@ class QLChain {
   static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
   static constexpr int kWideBlock = THREEG_VECTOR_BYTES == 64 ? 8 : 2;
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
-
-  template <bool Record>
-  THREEG_INLINE void end_sweep(int64_t count) {
-    i_ = -1;
-    if constexpr (Record) sweeps_.push_back(count);
-  }
 
   template <int W>
   static THREEG_INLINE void load(Vec* v, const T* row) {
@@ -513,24 +704,23 @@ class QLChain {
   // same order as one sweep after the other.
   template <int W>
   THREEG_INLINE void apply_block(int64_t k0) {
-    const T* rot = rotations_.data();
-    const size_t sweeps = sweeps_.size() / 2;
+    const size_t sweeps = sweeps_.size() / 3;
+    const int64_t* sw = sweeps_.data();
     for (size_t q = 0; q < sweeps;) {
-      const int64_t ma = sweeps_[2 * q], na = sweeps_[2 * q + 1];
-      if (q + 1 < sweeps && sweeps_[2 * q + 2] <= ma && na > 0 && sweeps_[2 * q + 3] > 0) {
-        const int64_t mb = sweeps_[2 * q + 2], nb = sweeps_[2 * q + 3];
-        apply_pair<W>(k0, ma, na, rot, mb, nb, rot + 2 * na);
-        rot += 2 * (na + nb);
+      const int64_t ma = sw[3 * q], na = sw[3 * q + 2];
+      const T* ra = rot_ + kRecStride * sw[3 * q + 1];
+      if (q + 1 < sweeps && sw[3 * q + 3] <= ma && na > 0 && sw[3 * q + 5] > 0) {
+        apply_pair<W>(k0, ma, na, ra, sw[3 * q + 3], sw[3 * q + 5], rot_ + kRecStride * sw[3 * q + 4]);
         q += 2;
       } else {
-        apply_sweep<W>(k0, ma, na, rot);
-        rot += 2 * na;
+        apply_sweep<W>(k0, ma, na, ra);
         q += 1;
       }
     }
   }
 
-  // One sweep: rotations at i = m - 1 .. m - count, coefficients rot[2 t], rot[2 t + 1] for i = m - 1 - t.
+  // One sweep: rotations at i = m - 1 .. m - count, coefficients rot[t kRecStride] (c) and the s kLanesQL after
+  // it for i = m - 1 - t.
   template <int W>
   THREEG_INLINE void apply_sweep(int64_t k0, int64_t m, int64_t count, const T* rot) {
     T* row = vt_ + m * ld_ + k0;
@@ -538,7 +728,7 @@ class QLChain {
     load<W>(y, row);
     for (int64_t t = 0; t < count; ++t) {
       load<W>(x, row - ld_);
-      rotate_carried<W>(x, y, rot[2 * t], rot[2 * t + 1], out);
+      rotate_carried<W>(x, y, rot[t * kRecStride], rot[t * kRecStride + kLanesQL], out);
       store<W>(row, out);
       row -= ld_;
     }
@@ -562,7 +752,7 @@ class QLChain {
         b_started = true;
       } else {
         const int64_t t = mb - 1 - r;
-        rotate_carried<W>(v, yb, rb[2 * t], rb[2 * t + 1], outb);
+        rotate_carried<W>(v, yb, rb[t * kRecStride], rb[t * kRecStride + kLanesQL], outb);
         store<W>(base + (r + 1) * ld_, outb);
         if (r == lb) {
           store<W>(base + r * ld_, yb);
@@ -574,7 +764,7 @@ class QLChain {
     for (int64_t t = 0; t < na; ++t) {
       const int64_t i = ma - 1 - t;
       load<W>(x, base + i * ld_);
-      rotate_carried<W>(x, ya, ra[2 * t], ra[2 * t + 1], out);
+      rotate_carried<W>(x, ya, ra[t * kRecStride], ra[t * kRecStride + kLanesQL], out);
       to_b(i + 1, out);
     }
     to_b(la, ya);
@@ -587,7 +777,7 @@ class QLChain {
     for (; i >= lb; --i) {
       const int64_t t = mb - 1 - i;
       load<W>(x, base + i * ld_);
-      rotate_carried<W>(x, yb, rb[2 * t], rb[2 * t + 1], outb);
+      rotate_carried<W>(x, yb, rb[t * kRecStride], rb[t * kRecStride + kLanesQL], outb);
       store<W>(base + (i + 1) * ld_, outb);
     }
     store<W>(base + lb * ld_, yb);
@@ -598,14 +788,18 @@ class QLChain {
   int sweep_ = 0;
   bool failed_ = false;
   T s_ = 1, c_ = 1, p_ = 0, g_ = 0, negligible_ = 0;
-  std::vector<T> rotations_;      // (c, s) of each recorded rotation, in order
-  std::vector<int64_t> sweeps_;  // per recorded sweep: m and its number of rotations (at i = m - 1 .. m - count)
+  std::vector<int64_t> sweeps_;  // per recorded sweep: m, its first rotation's index and its number of rotations
+  const T* rot_ = nullptr;       // this chain's lane of run_lockstep's records (set_records)
 };
 
 }  // namespace small_eigh_detail
 
-// The most matrices solved together (see the top of this file): enough chains to fill the core's latency.
-constexpr int kGroup = 4;
+// The most matrices solved together (see the top of this file), one a vector lane in QLChain::run_lockstep: the
+// forward's samples of one thread at B = 16 on two threads. A rotation costs the lockstep ~50 cycles for all the
+// lanes; at n = 64 a group of 8 took 11.7-12.1 us a matrix for its QL iteration (set-up and records included)
+// against 20.2-24.7 us with the group's chains advanced a rotation each in turn (4 or 8 of them), at n = 128
+// 41 against 66-75 us (standalone, AVX-512 float32; docs/ext.md, "Eigensolver").
+constexpr int kGroup = small_eigh_detail::kLanesQL;
 
 // Scratch of one thread for up to kGroup matrices of size n: reused across samples (no allocation per call).
 template <typename T>
@@ -620,7 +814,8 @@ class SmallEigh {
         vt_(kGroup * n * ld_),
         vec_(kGroup * (3 * n + 3 * ld_)),
         order_(n),
-        chains_(kGroup) {}
+        chains_(kGroup),
+        lanes_(2 * kGroup * n) {}
 
   // For j < g <= kGroup: a[j] row-major n x n symmetric (both triangles; read only) into v[j] (n x n, rows =
   // eigenvectors) and l[j] (ascending); ok[j] says whether that matrix converged.
@@ -640,15 +835,12 @@ class SmallEigh {
       ++alive;
     }
     if (g == 1) {
-      if (live[0]) while (chains_[0].template step<false>()) {}
+      if (live[0]) while (chains_[0].step()) {}
     } else {
-      while (alive > 0) {
-        for (int j = 0; j < g; ++j) {
-          if (live[j] && !chains_[j].template step<true>()) {
-            live[j] = false;
-            --alive;
-          }
-        }
+      if (alive > 0) {
+        using Chain = small_eigh_detail::QLChain<T>;
+        Chain::template run_lockstep<small_eigh_detail::kLanesQL>(chains_.data(), g, live, lanes_.data(), rec_);
+        Chain::set_records(chains_.data(), g, rec_.data());
       }
     }
     for (int j = 0; j < g; ++j) {
@@ -690,6 +882,7 @@ class SmallEigh {
   std::vector<T> a_, q_, yt_, vt_, vec_;
   std::vector<int64_t> order_;
   std::vector<small_eigh_detail::QLChain<T>> chains_;
+  std::vector<T> lanes_, rec_;  // run_lockstep's work and its records of the rotations
 };
 
 }  // namespace THREEG_CPU_VARIANT
