@@ -51,6 +51,7 @@ namespace THREEG_CPU_VARIANT {
 namespace {
 
 using at::Tensor;
+using small_eigh_detail::Buffer;
 
 // The Gram route runs when N is below C by the measured margin (docs/ext.md, "Routes": the crossover measured
 // at C = 64 .. 512); threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
@@ -617,10 +618,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       Eigh<scalar_t> eigh(gram ? n : c, choice);
       // Samples are taken `group` at a time so that their eigendecompositions run together (Eigh::group()).
       const int group = static_cast<int>(std::min<int64_t>(eigh.group(), per_thread));
-      std::vector<scalar_t> xcs(group * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
-      std::vector<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
+      // (Buffer: not zeroed; each is written before it is read)
+      Buffer<scalar_t> xcs(group * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
+      Buffer<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
       // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W diag(q) (C x N), W in the slot
-      std::vector<scalar_t> work1(gram ? 0 : c * n), work2(gram ? 0 : c * c), work3(gram ? c * n : 0);
+      Buffer<scalar_t> work1(gram ? 0 : c * n), work2(gram ? 0 : c * c), work3(gram ? c * n : 0);
       std::vector<scalar_t> p(c);
       std::vector<double> norms(n);
       GramRecursion recursion;
@@ -743,11 +745,11 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
-      std::vector<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);
+      Buffer<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);  // (not zeroed: written before read)
       // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: GW, R (C x N), H (N x N), gram (N x N)
-      std::vector<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
-      std::vector<scalar_t> work4(gram ? 0 : c * n);
-      std::vector<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
+      Buffer<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
+      Buffer<scalar_t> work4(gram ? 0 : c * n);
+      Buffer<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
       std::vector<scalar_t> dxw_row(n);
       std::vector<double> dw_acc(n), norms(gram ? n : 0), frow(gram ? n : 0), fscratch(gram ? n : 0);
