@@ -183,9 +183,9 @@ def _variant_case(case, dtype):
     limit = _small_eigh_max()[str(dtype).removeprefix("torch.")]
     big = max(limit, 128) + 8
     shape = {
-        "cxc-own": (5, min(limit, 64), 196),
+        "cxc-own": (9, min(limit, 64), 196),
         "cxc-syevd": (2, big, big + 14),
-        "gram-own": (5, 48, min(limit, 20)),
+        "gram-own": (9, 48, min(limit, 20)),
         "gram-syevd": (2, big * 16 // 15 + 16, big),
     }[case]
     assert _ext_impl.gram_route(shape[1], shape[2]) == case.startswith("gram")
@@ -198,7 +198,7 @@ def _variant_case(case, dtype):
 @pytest.mark.parametrize("keep_iterates", [True, False], ids=["keep", "recompute"])
 def test_every_instruction_set_variant(monkeypatch, one_thread, isa, dtype, case, keep_iterates):
     """Each variant the CPU runs matches the reference on both routes with either eigensolver, its saved state kept
-    or recomputed in the backward (B = 5 on one thread: a group of four solved together and one alone); one it
+    or recomputed in the backward (B = 9 on one thread: a group of eight solved together and one alone); one it
     cannot run is refused, naming it."""
     from threeg_kernels import _C
 
