@@ -250,13 +250,17 @@ def one_thread():
 
 @pytest.mark.parametrize("isa", _ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("c, n", [(24, 40), (64, 196), (48, 20)], ids=["cxc", "cxc-64", "gram"])
+@pytest.mark.parametrize(
+    "c, n", [(24, 40), (64, 196), (64, 62), (48, 20)], ids=["cxc", "cxc-64", "cxc-refined", "gram"]
+)
 def test_samples_solved_together_equal_each_alone(monkeypatch, one_thread, isa, dtype, c, n):
     """The forward solves the eigenproblems of up to eight samples together (their QL iterations in lockstep, one
     a vector lane, the rotations recorded and applied afterwards in column blocks); a sample alone applies each
     rotation at once. Every element goes through the same operations in the same order either way, so the results
     are equal, bit for bit, in every instruction-set variant: B = 11 on one thread is a full group and a partial
-    one, with a non-finite sample inside the latter (NaN there, and only there)."""
+    one, with a non-finite sample inside the latter (NaN there, and only there). At (64, 62), rank 61, every sample
+    refines its smallest eigenvalues through its centred features, which a group keeps for one sample only and
+    centres again for the others."""
     if isa not in _cpu_variants():
         pytest.skip(f"this CPU does not run the {isa} variant (test_every_instruction_set_variant checks the refusal)")
     monkeypatch.setenv("THREEG_EXT_ISA", isa)

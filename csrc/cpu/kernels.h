@@ -618,8 +618,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       Eigh<scalar_t> eigh(gram ? n : c, choice);
       // Samples are taken `group` at a time so that their eigendecompositions run together (Eigh::group()).
       const int group = static_cast<int>(std::min<int64_t>(eigh.group(), per_thread));
-      // (Buffer: not zeroed; each is written before it is read)
-      Buffer<scalar_t> xcs(group * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
+      // (Buffer: not zeroed; each is written before it is read.) Xc of each sample of a group on the Gram route, which
+      // reads it again after the eigendecompositions; one on the C x C route, which reads it again only where it
+      // refines eigenvalues, and centres the sample again there: eight of them (400 KB at C = 64, N = 196) pushed
+      // out of the core's caches what the Python around the op runs on, ~3% of a call (docs/ext.md, "Per-call cost").
+      const int64_t kept_xc = gram ? group : 1;
+      Buffer<scalar_t> xcs(kept_xc * c * n), prod(c * c), own_slots(keep_iterates ? 0 : group * slot_n);
       Buffer<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
       // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W diag(q) (C x N), W in the slot
       Buffer<scalar_t> work1(gram ? 0 : c * n), work2(gram ? 0 : c * c), work3(gram ? c * n : 0);
@@ -634,7 +638,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
         double trs[kGroup];
         for (int gi = 0; gi < g; ++gi) {
           const int64_t b = b0 + gi;
-          scalar_t* xc = xcs.data() + gi * c * n;
+          scalar_t* xc = xcs.data() + (gi % kept_xc) * c * n;
           centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc);
           if (gram) {  // trace(Xc Xc^T) = |Xc|^2; M, not A, is what the route decomposes
             const double tr_b = sum_as_double<true>(xc, c * n) / n + c * eps;
@@ -662,11 +666,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           slot_of[gi] = keep_iterates ? slots + b * slot_n : own_slots.data() + gi * slot_n;
         }
         eigh(g, mats, finite, slot_of);
+        int64_t xc_of = b0 + g - 1;  // the sample whose Xc the C x C route's one buffer holds
 
         for (int gi = 0; gi < g; ++gi) {
           const int64_t b = b0 + gi;
           const double tr_b = trs[gi];
-          const scalar_t* xc = xcs.data() + gi * c * n;
+          scalar_t* xc = xcs.data() + (gi % kept_xc) * c * n;
           scalar_t* P = prod.data();
           scalar_t* slot = slot_of[gi];
           double diag = 0;  // what Y adds on the diagonal: p(a) on the Gram route
@@ -683,7 +688,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
             scalar_t* V = slot;
             scalar_t* proj = work1.data();
             const int64_t k = rows_to_refine(V + c * c, c);
-            if (k > 0) gemm<scalar_t>(false, false, k, n, c, 1, V, c, xc, n, 0, proj, n);  // rows 0 .. k - 1 of V Xc
+            if (k > 0) {  // rows 0 .. k - 1 of V Xc, Xc centred again unless the buffer holds this sample's
+              if (xc_of != b) centre<scalar_t>(x, w ? w + b * w_sb : nullptr, w_sn, b, xc);
+              xc_of = b;
+              gemm<scalar_t>(false, false, k, n, c, 1, V, c, xc, n, 0, proj, n);
+            }
             rayleigh_eigenvalues<scalar_t>(proj, k, n, tr_b, eps / tr_b, V + c * c);
             trajectories<scalar_t>(V + c * c, c, iters, nullptr, nullptr, nullptr, p.data());
             scalar_t* scaled = work2.data();
