@@ -424,10 +424,16 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
   }
 }
 
-// The matrices whose QL iterations QLChain::run_lockstep runs together, one a vector lane, and the stride of its
-// records (per round, the c of every lane, then the s).
+// The matrices whose QL iterations QLChain<T>::run_lockstep runs together, one a vector lane: 8, or as many as one
+// vector register of the variant holds where that is fewer (AVX2 double: 4; SSE2: 4 float, 2 double): GCC keeps a
+// vector wider than the hardware's registers in memory, and 8 lanes of double on AVX2 ran the own solver slower
+// than syevd at n = 64 (0.98-0.99x, against 1.29x for the chains it replaced; 2026-12-07 00:41 UTC). The stride of
+// its records: per round, the c of every lane, then the s.
 constexpr int kLanesQL = 8;
-constexpr int64_t kRecStride = 2 * kLanesQL;
+template <typename T>
+constexpr int kLockstepLanes = THREEG_VECTOR_BYTES / static_cast<int>(sizeof(T)) < kLanesQL
+                                   ? THREEG_VECTOR_BYTES / static_cast<int>(sizeof(T))
+                                   : kLanesQL;
 
 // The implicit QL iteration with Wilkinson shifts on T (d, e) of one matrix, one plane rotation (or one sweep's
 // set-up) per step(), each rotation applied at once to rows i, i + 1 of the eigenvector rows vt (n rows of stride
@@ -701,6 +707,8 @@ class QLChain {
   // widest column block apply_rotations uses (above).
   static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
   static constexpr int kWideBlock = THREEG_VECTOR_BYTES == 64 ? 8 : 2;
+  static constexpr int kLockLanes = kLockstepLanes<T>;  // run_lockstep's lanes
+  static constexpr int64_t kRecStride = 2 * kLockLanes;  // its records: per round, c then s of every lane
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
 
   template <int W>
@@ -732,7 +740,7 @@ class QLChain {
     const int64_t* sw = sweeps_.data();
     for (size_t q = 0; q < sweeps;) {
       const int64_t ma = sw[3 * q], na = sw[3 * q + 2];
-      const T* ra = rot_ + kRecStride * sw[3 * q + 1];
+      const T* ra = rot_ + kRecStride * sw[3 * q + 1];  // kRecStride: per round, c then s of every lane
       if (q + 1 < sweeps && sw[3 * q + 3] <= ma && na > 0 && sw[3 * q + 5] > 0) {
         apply_pair<W>(k0, ma, na, ra, sw[3 * q + 3], sw[3 * q + 5], rot_ + kRecStride * sw[3 * q + 4]);
         q += 2;
@@ -743,7 +751,7 @@ class QLChain {
     }
   }
 
-  // One sweep: rotations at i = m - 1 .. m - count, coefficients rot[t kRecStride] (c) and the s kLanesQL after
+  // One sweep: rotations at i = m - 1 .. m - count, coefficients rot[t kRecStride] (c) and the s kLockLanes after
   // it for i = m - 1 - t.
   template <int W>
   THREEG_INLINE void apply_sweep(int64_t k0, int64_t m, int64_t count, const T* rot) {
@@ -752,7 +760,7 @@ class QLChain {
     load<W>(y, row);
     for (int64_t t = 0; t < count; ++t) {
       load<W>(x, row - ld_);
-      rotate_carried<W>(x, y, rot[t * kRecStride], rot[t * kRecStride + kLanesQL], out);
+      rotate_carried<W>(x, y, rot[t * kRecStride], rot[t * kRecStride + kLockLanes], out);
       store<W>(row, out);
       row -= ld_;
     }
@@ -776,7 +784,7 @@ class QLChain {
         b_started = true;
       } else {
         const int64_t t = mb - 1 - r;
-        rotate_carried<W>(v, yb, rb[t * kRecStride], rb[t * kRecStride + kLanesQL], outb);
+        rotate_carried<W>(v, yb, rb[t * kRecStride], rb[t * kRecStride + kLockLanes], outb);
         store<W>(base + (r + 1) * ld_, outb);
         if (r == lb) {
           store<W>(base + r * ld_, yb);
@@ -788,7 +796,7 @@ class QLChain {
     for (int64_t t = 0; t < na; ++t) {
       const int64_t i = ma - 1 - t;
       load<W>(x, base + i * ld_);
-      rotate_carried<W>(x, ya, ra[t * kRecStride], ra[t * kRecStride + kLanesQL], out);
+      rotate_carried<W>(x, ya, ra[t * kRecStride], ra[t * kRecStride + kLockLanes], out);
       to_b(i + 1, out);
     }
     to_b(la, ya);
@@ -801,7 +809,7 @@ class QLChain {
     for (; i >= lb; --i) {
       const int64_t t = mb - 1 - i;
       load<W>(x, base + i * ld_);
-      rotate_carried<W>(x, yb, rb[t * kRecStride], rb[t * kRecStride + kLanesQL], outb);
+      rotate_carried<W>(x, yb, rb[t * kRecStride], rb[t * kRecStride + kLockLanes], outb);
       store<W>(base + (i + 1) * ld_, outb);
     }
     store<W>(base + lb * ld_, yb);
@@ -839,7 +847,8 @@ class SmallEigh {
         yt_(small_eigh_detail::kReflectors * ld_),
         vec_(kGroup * (3 * n + 3 * ld_)),
         order_(n),
-        chains_(kGroup) {}
+        chains_(kGroup),
+        recs_(kGroup / small_eigh_detail::kLockstepLanes<T>) {}
 
   // For j < g <= kGroup: a[j] row-major n x n symmetric (both triangles; read only) into v[j] (n x n, rows =
   // eigenvectors) and l[j] (ascending); ok[j] says whether that matrix converged.
@@ -861,10 +870,14 @@ class SmallEigh {
     if (g == 1) {
       if (live[0]) while (chains_[0].step()) {}
     } else {
-      if (alive > 0) {
-        using Chain = small_eigh_detail::QLChain<T>;
-        Chain::template run_lockstep<small_eigh_detail::kLanesQL>(chains_.data(), g, live, lanes_.data(), rec_);
-        Chain::set_records(chains_.data(), g, rec_.data());
+      // in lockstep, as many at a time as the variant's vector register holds (kLockstepLanes)
+      using Chain = small_eigh_detail::QLChain<T>;
+      constexpr int kBatch = small_eigh_detail::kLockstepLanes<T>;
+      for (int j0 = 0; j0 < g; j0 += kBatch) {
+        const int count = std::min(kBatch, g - j0);
+        std::vector<T>& rec = recs_[j0 / kBatch];
+        Chain::template run_lockstep<kBatch>(chains_.data() + j0, count, live + j0, lanes_.data(), rec);
+        Chain::set_records(chains_.data() + j0, count, rec.data());
       }
     }
     for (int j = 0; j < g; ++j) {
@@ -907,7 +920,7 @@ class SmallEigh {
   std::vector<T> yt_, vec_;
   std::vector<int64_t> order_;
   std::vector<small_eigh_detail::QLChain<T>> chains_;
-  std::vector<T> rec_;  // run_lockstep's records of the rotations (lanes_: its work)
+  std::vector<std::vector<T>> recs_;  // run_lockstep's records of the rotations, one a batch of lanes (lanes_: work)
 };
 
 }  // namespace THREEG_CPU_VARIANT
