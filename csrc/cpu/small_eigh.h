@@ -427,8 +427,7 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
 // The matrices whose QL iterations QLChain<T>::run_lockstep runs together, one a vector lane: 8, or as many as one
 // vector register of the variant holds where that is fewer (AVX2 double: 4; SSE2: 4 float, 2 double): GCC keeps a
 // vector wider than the hardware's registers in memory, and 8 lanes of double on AVX2 ran the own solver slower
-// than syevd at n = 64 (0.98-0.99x, against 1.29x for the chains it replaced; 2026-12-07 00:41 UTC). The stride of
-// its records: per round, the c of every lane, then the s.
+// than syevd at n = 64 (0.98-0.99x, against 1.29x for the chains it replaced; 2026-12-07 00:41 UTC).
 constexpr int kLanesQL = 8;
 template <typename T>
 constexpr int kLockstepLanes = THREEG_VECTOR_BYTES / static_cast<int>(sizeof(T)) < kLanesQL
@@ -511,11 +510,7 @@ class QLChain {
       failed_ = true;
       return false;
     }
-    // Shift: the eigenvalue of T's leading 2 x 2 block at l nearer d[l]; g = d[m] - shift
-    const int64_t l = l_;
-    const T g = (d[l + 1] - d[l]) / (T(2) * e[l]);
-    const T r = std::sqrt(g * g + T(1));
-    g_ = d[m] - d[l] + e[l] / (g + std::copysign(r, g));
+    g_ = shifted(d[l_], d[l_ + 1], e[l_], d[m]);
     s_ = 1;
     c_ = 1;
     p_ = 0;
@@ -596,11 +591,8 @@ class QLChain {
           continue;
         }
         const T* d = dl + j;
-        const T* e = el + j;
         const int64_t lj = static_cast<int64_t>(Lv[j]), mj = static_cast<int64_t>(Mv[j]);
-        const T gg = (d[(lj + 1) * L] - d[lj * L]) / (T(2) * e[lj * L]);
-        const T r = std::sqrt(gg * gg + T(1));
-        G[j] = d[mj * L] - d[lj * L] + e[lj * L] / (gg + std::copysign(r, gg));
+        G[j] = shifted(d[lj * L], d[(lj + 1) * L], el[lj * L + j], d[mj * L]);
         stop[j] = lj;  // the sweep's last row, unless T splits within it
         top = std::max(top, mj - 1);
         bottom = std::min(bottom, lj);
@@ -703,6 +695,14 @@ class QLChain {
   }
 
  private:
+  // A sweep's start, g = d[m] - shift, the shift being the eigenvalue of T's leading 2 x 2 block at l (dl, dl1, el)
+  // nearer dl: one function for step() and run_lockstep, so that both start every sweep from the same bits.
+  static THREEG_INLINE T shifted(T dl, T dl1, T el, T dm) {
+    const T g = (dl1 - dl) / (T(2) * el);
+    const T r = std::sqrt(g * g + T(1));
+    return dm - dl + el / (g + std::copysign(r, g));
+  }
+
   // One vector register of the variant's instruction set (64 bytes for AVX-512, 32 for AVX2, 16 for SSE2), and the
   // widest column block apply_rotations uses (above).
   static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
