@@ -129,7 +129,7 @@ def extension_modules():
 
     # The CPU kernels once per instruction set (csrc/cpu/cpu_variants.h): the baseline, x86-64-v3 and x86-64-v4.
     cpu = ["cov_pool_ext.cpp", "kernels_baseline.cpp", "kernels_x86_64_v3.cpp", "kernels_x86_64_v4.cpp"]
-    sources = ["csrc/ops.cpp"] + [f"csrc/cpu/{name}" for name in cpu]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + [f"csrc/cpu/{name}" for name in cpu]
     cxx, link = ["-O3", "-g0"], []
     import torch
 

@@ -7,10 +7,12 @@
 // This file is also the Python module `threeg_kernels._C`: importing it loads the library (and with it
 // the registrations); `_C.cuda_built()` says whether the CUDA kernels were compiled in, `_C.small_eigh_max()`
 // up to which size the CPU kernels use their own eigensolver, `_C.cpu_variants()` which instruction-set variants of
-// them this CPU runs and `_C.cpu_variant()` the one the ops call.
+// them this CPU runs and `_C.cpu_variant()` the one the ops call; `_C.pool` is the ops' autograd node in C++
+// (csrc/autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cov_pool_ext.h"
 
 TORCH_LIBRARY_FRAGMENT(threeg, m) {
@@ -79,6 +81,12 @@ PyMethodDef methods[] = {
      "best unless THREEG_EXT_ISA names another."},
     {"cpu_variant", cpu_variant, METH_NOARGS,
      "The variant the ops call now: the one THREEG_EXT_ISA names, or the best; RuntimeError where the ops would raise."},
+    {"pool", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(threeg::pool_autograd)), METH_FASTCALL,
+     "pool(x, weight, iters, eps, order, keep_iterates, precision) -> out: threeg::cov_pool_ext_forward's out, "
+     "differentiable in x and weight by the op's formula in a C++ autograd node (csrc/autograd.cpp)."},
+    {"set_reference_gradient", threeg::set_reference_gradient, METH_O,
+     "set_reference_gradient(fn): fn(x, weight, grad_out, iters, eps, order) -> (dx, dweight or None), what pool's "
+     "backward returns where the gradient is itself differentiated (create_graph=True)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

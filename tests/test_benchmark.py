@@ -306,7 +306,9 @@ def test_regimes_grid_tables_json_and_plot(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(pool_speed, "REGIMES", [(6, 4)])
     monkeypatch.setattr("benchmarks.common.time_ms", spy)
-    main(["--regimes", "--B", "2", "--repeats", "3", "--warmup", "1", "--no-progress", "--json", str(out_json)])
+    # (--plot too: without it the PNG would go to benchmarks/results/, over the committed one)
+    argv = ["--regimes", "--B", "2", "--repeats", "3", "--warmup", "1", "--no-progress", "--json", str(out_json)]
+    main(argv + ["--plot", str(tmp_path / "r2.png")])
     methods = len(baselines_run) + len({r["backend"] for r in records if r["kind"] == "backend"})
     assert len(order) == 4 * methods  # one untimed round, three timed ones
     first = order[:methods]

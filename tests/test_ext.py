@@ -517,3 +517,80 @@ def test_backward_errors_name_the_argument():
     for change, match in cases:
         with pytest.raises(RuntimeError, match=match):
             bwd(**{**good, **change})
+
+
+# ------------------------------------------------------------------------------------- the C++ autograd node
+
+
+def _op_gradient(x, weight, grad, iters=3, keep=True):
+    """(out, dx, dweight) of the ops called directly, the formula every autograd path must give bit for bit."""
+    out, A, tr, iterates = torch.ops.threeg.cov_pool_ext_forward(x, weight, iters, 1e-7, "3g", keep, "ieee")
+    dx, dw = torch.ops.threeg.cov_pool_ext_backward(grad, x, weight, out, A, tr, iterates, iters, "3g", "ieee")
+    return out, dx, (dw if weight is not None else None)
+
+
+@pytest.mark.parametrize("device", devices_for("ext"))
+@pytest.mark.parametrize("leaves", ["x", "weight", "both"])
+@pytest.mark.parametrize("keep", [True, False])
+def test_eager_node_is_the_ops_formula(device, leaves, keep):
+    """Eager calls that need a gradient run the C++ node (csrc/autograd.cpp): the ops' outputs and gradients bit for
+    bit, for every input that needs one and none for the others, with or without the kept iterates."""
+    x, w, g = make_case(3, 12, 20, weighted=True, dtype=torch.float32, device=device)
+    want = _op_gradient(x, w, g, keep=keep)
+    xl = x.detach().requires_grad_(leaves in ("x", "both"))
+    wl = w.detach().requires_grad_(leaves in ("weight", "both"))
+    out = threeg_kernels.cov_pool(xl, wl, iters=3, backend="ext", keep_iterates=keep)
+    assert "CovPoolExt" in type(out.grad_fn).__name__ or "CovPoolExt" in out.grad_fn.name()
+    assert torch.equal(out, want[0])
+    out.backward(g)
+    assert (xl.grad is None) == (leaves == "weight") and (wl.grad is None) == (leaves == "x")
+    if xl.grad is not None:
+        assert torch.equal(xl.grad, want[1])
+    if wl.grad is not None:
+        assert torch.equal(wl.grad, want[2])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward(g)  # the saved tensors are freed after the first backward, as for any autograd node
+
+
+def test_eager_node_unweighted_and_double_backward_of_one_leaf():
+    """weight=None, and create_graph=True where only the weight needs a gradient (the reference gradient's dx is
+    None there): both against the reference."""
+    x, w, g = make_case(2, 6, 9, weighted=True, dtype=torch.float64)
+    assert_close_to_reference("ext", x, None, g, iters=3)
+    xl, wl = x.clone(), w.clone().requires_grad_()
+    out = threeg_kernels.cov_pool(xl, wl, iters=3, backend="ext")
+    (dw,) = torch.autograd.grad(out, wl, g, create_graph=True)
+    assert dw.requires_grad
+    wr = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(threeg_kernels.cov_pool(x, wr, iters=3, backend="reference"), wr, g)
+    assert rel_err(dw, want) <= 1e-12
+
+
+def test_eager_node_checks_its_arguments():
+    """_C.pool is reachable from Python: wrong types raise TypeError naming the argument; the ops' own checks
+    (ValueError / RuntimeError from TORCH_CHECK) still run."""
+    from threeg_kernels import _C
+
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    ok = (x, None, 3, 1e-7, "3g", True, "ieee")
+    for i, (name, bad) in enumerate(
+        [
+            ("x", x.numpy(force=True)),
+            ("weight", 1.0),
+            ("iters", 3.0),
+            ("eps", 1),
+            ("order", None),
+            ("keep_iterates", 1),
+            ("precision", b"ieee"),
+        ]
+    ):
+        args = list(ok)
+        args[i] = bad
+        with pytest.raises(TypeError, match=f"{name} must be"):
+            _C.pool(*args)
+    with pytest.raises(TypeError, match="takes 7 positional arguments; got 6"):
+        _C.pool(*ok[:6])
+    with pytest.raises(RuntimeError, match="order"):
+        _C.pool(x, None, 3, 1e-7, "upper", True, "ieee")
+    with pytest.raises(TypeError, match="callable"):
+        _C.set_reference_gradient(3)

@@ -30,7 +30,9 @@ This module registers the fake (meta) kernels and the autograd formula for such 
 backend is traced by torch.compile and checked by opcheck in the same way, and returns the function the backend
 calls: in eager mode it runs the same formula as a plain torch.autograd.Function around the op's kernel, which
 skips the per-call Python of torch.library's generated autograd wrapper (about a quarter of the fixed cost of a
-fwd+bwd call: docs/ext.md, "Per-call cost"); traced code (torch.compile, torch.export) gets the registered op.
+fwd+bwd call: docs/ext.md, "Per-call cost"), or, where the backend compiles one (`eager=`: the ext backend's, in
+csrc/autograd.cpp), the same formula as an autograd node in C++; traced code (torch.compile, torch.export) gets the
+registered op.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def register_pool_op(
     backward_op,
     iterates_shape: Union[IteratesShape, Mapping[str, IteratesShape]],
     a_shape: Union[AShape, Mapping[str, AShape]] = full_a_shape,
+    eager: Optional[Callable] = None,
 ) -> Callable:
     """Checks both ops against the declared schemas, registers their fake kernels and the autograd formula, and
     returns pool_op(x, weight, iters, eps, order, keep_iterates, precision) -> out, what the backend's `pool`
@@ -102,6 +105,10 @@ def register_pool_op(
     iterates_shape(B, C, N, iters) is the shape of the backend's kept iterates (keep_iterates=True), a_shape(B, C, N)
     that of its A output (default (B, C, C)); a backend whose device kernels keep different state gives one such
     function per device type (e.g. {"cpu": ..., "cuda": ...}).
+
+    eager(x, weight, iters, eps, order, keep_iterates, precision) -> out, where given, is the same formula compiled
+    (an autograd node in C++, whose backward calls `reference_gradient` below where create_graph=True): what eager
+    calls that need a gradient run instead of the autograd.Function here.
     """
     check_schema(forward_op, FORWARD_SCHEMA)
     check_schema(backward_op, BACKWARD_SCHEMA)
@@ -144,7 +151,7 @@ def register_pool_op(
                 # create_graph=True: the gradient will itself be differentiated (a gradient penalty, a Hessian).
                 # The backward ops have no derivative of their own, so the gradient is taken through the
                 # reference math instead, whose autograd graph supports any order.
-                dx, dweight = _reference_gradient(x, weight, grad_out, ctx.iters, ctx.eps, ctx.order)
+                dx, dweight = reference_gradient(x, weight, grad_out, ctx.iters, ctx.eps, ctx.order)
                 return dx, dweight, None, None, None, None, None
             dx, dweight = backward_op(
                 grad_out.contiguous(), x, weight, out, A, tr, iterates, ctx.iters, ctx.order, ctx.precision
@@ -182,13 +189,15 @@ def register_pool_op(
                 )
             return dx, (dweight if weight is not None else None), None, None, None, None, None
 
+    eager_apply = EagerPool.apply if eager is None else eager
+
     def pool_op(x, weight, iters, eps, order, keep_iterates, precision):
         """`out` of forward_op(...); differentiable by the registered formula."""
         inputs = (x, weight, iters, eps, order, keep_iterates, precision)
         if torch.compiler.is_compiling() or not (_plain(x) and (weight is None or _plain(weight))):
             return forward_op(*inputs)[0]  # traced (or a tensor subclass): the op, one node with its formula
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-            return EagerPool.apply(*inputs)
+            return eager_apply(*inputs)
         with torch._C._AutoDispatchBelowAutograd():
             return forward_op(*inputs)[0]
 
@@ -228,10 +237,11 @@ def backward_outputs(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple:
     return torch.empty_like(x), dweight
 
 
-def _reference_gradient(x, weight, grad_out, iters, eps, order):
-    """(dx, dweight or None) of reference.cov_pool, as a differentiable function of x, weight and grad_out."""
+def reference_gradient(x, weight, grad_out, iters, eps, order):
+    """(dx or None, dweight or None) of reference.cov_pool, as a differentiable function of x, weight and grad_out, in
+    x's dtype whatever autocast region the backward runs in."""
     leaves = [t for t in (x, weight) if t is not None and t.requires_grad]
-    with torch.enable_grad():
+    with torch.enable_grad(), no_autocast(x.device.type):
         out = reference.cov_pool(x, weight, iters, eps, order)
         grads = dict(zip(map(id, leaves), torch.autograd.grad(out, leaves, grad_out, create_graph=True)))
     return grads.get(id(x)), (None if weight is None else grads.get(id(weight)))

@@ -21,7 +21,7 @@ import importlib.util
 
 import torch
 
-from .._registration import full_a_shape, register_pool_op
+from .._registration import full_a_shape, reference_gradient, register_pool_op
 from . import Loaded, torch_impl
 
 if importlib.util.find_spec("threeg_kernels._C") is None:
@@ -59,11 +59,16 @@ def _cpu_a_shape(b, c, n):
 
 A_SHAPE = {"cpu": _cpu_a_shape, "cuda": full_a_shape}
 
+# Eager calls that need a gradient run the ops' formula as an autograd node in C++ (csrc/autograd.cpp): no Python
+# frame in its bookkeeping or backward, ~2-4% of a fwd+bwd call at C = 64 (docs/ext.md, "Per-call cost"). Its
+# backward takes the reference math's gradient where that gradient is itself differentiated (create_graph=True).
+_C.set_reference_gradient(reference_gradient)
 _pool_op = register_pool_op(
     torch.ops.threeg.cov_pool_ext_forward.default,
     torch.ops.threeg.cov_pool_ext_backward.default,
     ITERATES_SHAPE,
     A_SHAPE,
+    eager=_C.pool,
 )
 
 

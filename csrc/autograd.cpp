@@ -1,0 +1,161 @@
+// The ext backend's autograd node in C++: what cov_pool runs in eager mode when a gradient is needed (the Python
+// layer, threeg_kernels/_registration.py, calls it for plain tensors outside torch.compile; traced code gets the
+// registered ops and their formula instead). The same formula as the registered one, without a Python frame in the
+// forward's bookkeeping or in the backward: the engine calls CovPoolExt::backward directly, and the Python that runs
+// around the op after its kernels have filled the core's caches is what a call of a small shape waits on
+// (docs/ext.md, "Per-call cost").
+//
+//   threeg_kernels._C.pool(x, weight, iters, eps, order, keep_iterates, precision) -> out
+//       out of threeg::cov_pool_ext_forward, differentiable in x and weight;
+//   threeg_kernels._C.set_reference_gradient(fn)
+//       fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None): the gradient as a differentiable
+//       function, taken where the backward itself is differentiated (create_graph=True); the Python layer registers
+//       the reference math's (the backward op has no derivative of its own).
+#include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "autograd.h"
+
+namespace threeg {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&, int64_t, double,
+                                                              c10::string_view, bool, c10::string_view);
+using BackwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                              const Tensor&, const Tensor&, const Tensor&, int64_t, c10::string_view,
+                                              c10::string_view);
+
+// The ops through the dispatcher (so that each device's kernel runs), looked up once.
+const c10::TypedOperatorHandle<ForwardOp>& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("threeg::cov_pool_ext_forward", "").typed<ForwardOp>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardOp>& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("threeg::cov_pool_ext_backward", "").typed<BackwardOp>();
+  return op;
+}
+
+PyObject* reference_gradient = nullptr;  // set_reference_gradient's fn (a strong reference, kept for the process)
+
+struct CovPoolExt : public torch::autograd::Function<CovPoolExt> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight, int64_t iters,
+                        double eps, const std::string& order, bool keep_iterates, const std::string& precision) {
+    // Below Autograd: the op's kernel, not its registered (Python) autograd formula.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, A, tr, iterates] = forward_op().call(x, weight, iters, eps, order, keep_iterates, precision);
+    const bool weighted = weight.has_value() && weight->defined();
+    ctx->save_for_backward({x, weighted ? *weight : Tensor(), out, A, tr, iterates});
+    ctx->saved_data["weighted"] = weighted;
+    ctx->saved_data["iters"] = iters;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["order"] = order;
+    ctx->saved_data["precision"] = precision;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool weighted = ctx->saved_data["weighted"].toBool();
+    const std::optional<Tensor> weight = weighted ? std::optional<Tensor>(saved[1]) : std::nullopt;
+    const int64_t iters = ctx->saved_data["iters"].toInt();
+    const std::string order = ctx->saved_data["order"].toStringRef();
+    Tensor dx, dweight;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient is itself differentiated
+      TORCH_CHECK(reference_gradient != nullptr, "threeg_kernels._C.pool: the gradient is differentiated "
+                  "(create_graph=True) but no reference gradient is registered (threeg_kernels._C.set_reference_gradient)");
+      pybind11::gil_scoped_acquire gil;
+      try {
+        const pybind11::object result = pybind11::reinterpret_borrow<pybind11::object>(reference_gradient)(
+            saved[0], weight, grads[0], iters, ctx->saved_data["eps"].toDouble(), order);
+        auto [gx, gw] = result.cast<std::tuple<std::optional<Tensor>, std::optional<Tensor>>>();
+        dx = gx.value_or(Tensor());  // None for an input that needs no gradient
+        dweight = gw.value_or(Tensor());
+      } catch (pybind11::error_already_set& e) {
+        e.restore();  // the Python exception, as it is, to the caller of backward() (as torch's own Python nodes do)
+        python_error err;
+        err.persist();
+        throw std::move(err);
+      }
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(dx, dweight) = backward_op().call(grads[0].contiguous(), saved[0], weight, saved[2], saved[3], saved[4],
+                                                 saved[5], iters, order, ctx->saved_data["precision"].toStringRef());
+    }
+    return {dx, weighted ? dweight : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+const char* const kPoolArgs = "pool(x, weight, iters, eps, order, keep_iterates, precision)";
+
+const Tensor& tensor_arg(PyObject* obj, const char* name) {
+  if (!THPVariable_Check(obj)) {
+    throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a torch.Tensor; got ", Py_TYPE(obj)->tp_name));
+  }
+  return THPVariable_Unpack(obj);
+}
+
+std::string str_arg(PyObject* obj, const char* name) {
+  if (!PyUnicode_Check(obj)) throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a str; got ", Py_TYPE(obj)->tp_name));
+  Py_ssize_t size = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(obj, &size);
+  if (s == nullptr) throw python_error();
+  return std::string(s, static_cast<size_t>(size));
+}
+
+}  // namespace
+
+PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) throw torch::TypeError(c10::str(kPoolArgs, " takes 7 positional arguments; got ", nargs));
+  const Tensor& x = tensor_arg(args[0], "x");
+  std::optional<Tensor> weight;
+  if (args[1] != Py_None) weight = tensor_arg(args[1], "weight");
+  if (!PyLong_Check(args[2]) || PyBool_Check(args[2])) {
+    throw torch::TypeError(c10::str(kPoolArgs, ": iters must be an int; got ", Py_TYPE(args[2])->tp_name));
+  }
+  const int64_t iters = PyLong_AsLongLong(args[2]);
+  if (iters == -1 && PyErr_Occurred()) throw python_error();
+  if (!PyFloat_Check(args[3])) throw torch::TypeError(c10::str(kPoolArgs, ": eps must be a float; got ", Py_TYPE(args[3])->tp_name));
+  const double eps = PyFloat_AS_DOUBLE(args[3]);
+  const std::string order = str_arg(args[4], "order");
+  if (!PyBool_Check(args[5])) {
+    throw torch::TypeError(c10::str(kPoolArgs, ": keep_iterates must be a bool; got ", Py_TYPE(args[5])->tp_name));
+  }
+  const bool keep_iterates = args[5] == Py_True;
+  const std::string precision = str_arg(args[6], "precision");
+  Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;  // the kernels run without the GIL, as a registered op's do
+    out = CovPoolExt::apply(x, weight, iters, eps, order, keep_iterates, precision);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_reference_gradient(PyObject*, PyObject* fn) {
+  HANDLE_TH_ERRORS
+  if (!PyCallable_Check(fn)) throw torch::TypeError(c10::str("set_reference_gradient: fn must be callable; got ", Py_TYPE(fn)->tp_name));
+  Py_INCREF(fn);
+  Py_XDECREF(reference_gradient);
+  reference_gradient = fn;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace threeg
