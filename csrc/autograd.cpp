@@ -53,6 +53,10 @@ const c10::TypedOperatorHandle<BackwardOp>& backward_op() {
 
 PyObject* reference_gradient = nullptr;  // set_reference_gradient's fn (a strong reference, kept for the process)
 
+}  // namespace
+
+// (outside the anonymous namespace: the node's name, out.grad_fn.name(), is
+// "torch::autograd::CppNode<threeg::CovPoolExt>")
 struct CovPoolExt : public torch::autograd::Function<CovPoolExt> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight, int64_t iters,
                         double eps, const std::string& order, bool keep_iterates, const std::string& precision) {
@@ -77,15 +81,22 @@ struct CovPoolExt : public torch::autograd::Function<CovPoolExt> {
     const std::string order = ctx->saved_data["order"].toStringRef();
     Tensor dx, dweight;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient is itself differentiated
+      pybind11::gil_scoped_acquire gil;
       TORCH_CHECK(reference_gradient != nullptr, "threeg_kernels._C.pool: the gradient is differentiated "
                   "(create_graph=True) but no reference gradient is registered (threeg_kernels._C.set_reference_gradient)");
-      pybind11::gil_scoped_acquire gil;
       try {
         const pybind11::object result = pybind11::reinterpret_borrow<pybind11::object>(reference_gradient)(
             saved[0], weight, grads[0], iters, ctx->saved_data["eps"].toDouble(), order);
-        auto [gx, gw] = result.cast<std::tuple<std::optional<Tensor>, std::optional<Tensor>>>();
-        dx = gx.value_or(Tensor());  // None for an input that needs no gradient
-        dweight = gw.value_or(Tensor());
+        std::tuple<std::optional<Tensor>, std::optional<Tensor>> pair;
+        try {
+          pair = result.cast<std::tuple<std::optional<Tensor>, std::optional<Tensor>>>();
+        } catch (const pybind11::cast_error&) {
+          TORCH_CHECK(false, "threeg_kernels._C.pool: the reference gradient (set_reference_gradient's fn) must return "
+                      "(dx or None, dweight or None), a pair of tensors or None; got ",
+                      pybind11::str(pybind11::repr(result)).cast<std::string>().substr(0, 200));
+        }
+        dx = std::get<0>(pair).value_or(Tensor());  // None for an input that needs no gradient
+        dweight = std::get<1>(pair).value_or(Tensor());
       } catch (pybind11::error_already_set& e) {
         e.restore();  // the Python exception, as it is, to the caller of backward() (as torch's own Python nodes do)
         python_error err;
@@ -101,6 +112,8 @@ struct CovPoolExt : public torch::autograd::Function<CovPoolExt> {
   }
 };
 
+namespace {
+
 const char* const kPoolArgs = "pool(x, weight, iters, eps, order, keep_iterates, precision)";
 
 const Tensor& tensor_arg(PyObject* obj, const char* name) {
@@ -108,6 +121,16 @@ const Tensor& tensor_arg(PyObject* obj, const char* name) {
     throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a torch.Tensor; got ", Py_TYPE(obj)->tp_name));
   }
   return THPVariable_Unpack(obj);
+}
+
+// An object with __index__ (int, numpy integers) as int64; *overflow set where it does not fit.
+int64_t index_as_int64(PyObject* obj, int* overflow) {
+  PyObject* index = PyNumber_Index(obj);
+  if (index == nullptr) throw python_error();
+  const long long value = PyLong_AsLongLongAndOverflow(index, overflow);
+  Py_DECREF(index);
+  if (value == -1 && PyErr_Occurred()) throw python_error();
+  return value;
 }
 
 std::string str_arg(PyObject* obj, const char* name) {
@@ -125,14 +148,23 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7) throw torch::TypeError(c10::str(kPoolArgs, " takes 7 positional arguments; got ", nargs));
   const Tensor& x = tensor_arg(args[0], "x");
   std::optional<Tensor> weight;
-  if (args[1] != Py_None) weight = tensor_arg(args[1], "weight");
-  if (!PyLong_Check(args[2]) || PyBool_Check(args[2])) {
+  if (args[1] != Py_None) {
+    if (!THPVariable_Check(args[1])) {
+      throw torch::TypeError(c10::str(kPoolArgs, ": weight must be a torch.Tensor or None; got ", Py_TYPE(args[1])->tp_name));
+    }
+    weight = THPVariable_Unpack(args[1]);
+  }
+  if (PyBool_Check(args[2]) || !PyIndex_Check(args[2])) {
     throw torch::TypeError(c10::str(kPoolArgs, ": iters must be an int; got ", Py_TYPE(args[2])->tp_name));
   }
-  const int64_t iters = PyLong_AsLongLong(args[2]);
-  if (iters == -1 && PyErr_Occurred()) throw python_error();
-  if (!PyFloat_Check(args[3])) throw torch::TypeError(c10::str(kPoolArgs, ": eps must be a float; got ", Py_TYPE(args[3])->tp_name));
-  const double eps = PyFloat_AS_DOUBLE(args[3]);
+  int overflow = 0;
+  const int64_t iters = index_as_int64(args[2], &overflow);
+  TORCH_CHECK_VALUE(overflow == 0, kPoolArgs, ": iters is out of range");
+  if (PyBool_Check(args[3]) || !(PyFloat_Check(args[3]) || PyLong_Check(args[3]))) {
+    throw torch::TypeError(c10::str(kPoolArgs, ": eps must be a float; got ", Py_TYPE(args[3])->tp_name));
+  }
+  const double eps = PyFloat_AsDouble(args[3]);
+  if (eps == -1.0 && PyErr_Occurred()) throw python_error();
   const std::string order = str_arg(args[4], "order");
   if (!PyBool_Check(args[5])) {
     throw torch::TypeError(c10::str(kPoolArgs, ": keep_iterates must be a bool; got ", Py_TYPE(args[5])->tp_name));

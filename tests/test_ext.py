@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -578,7 +579,7 @@ def test_eager_node_checks_its_arguments():
             ("x", x.numpy(force=True)),
             ("weight", 1.0),
             ("iters", 3.0),
-            ("eps", 1),
+            ("eps", "1e-7"),
             ("order", None),
             ("keep_iterates", 1),
             ("precision", b"ieee"),
@@ -590,7 +591,70 @@ def test_eager_node_checks_its_arguments():
             _C.pool(*args)
     with pytest.raises(TypeError, match="takes 7 positional arguments; got 6"):
         _C.pool(*ok[:6])
+    with pytest.raises(ValueError, match="iters is out of range"):
+        _C.pool(x, None, 2**70, 1e-7, "3g", True, "ieee")
+    # what the op's schema takes (int, float) is taken here too: a numpy integer, an int eps
+    want = _C.pool(x, None, 3, 0.0, "3g", True, "ieee")
+    assert torch.equal(_C.pool(x, None, np.int64(3), 0, "3g", True, "ieee"), want)
     with pytest.raises(RuntimeError, match="order"):
         _C.pool(x, None, 3, 1e-7, "upper", True, "ieee")
     with pytest.raises(TypeError, match="callable"):
         _C.set_reference_gradient(3)
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_eager_node_autograd_machinery():
+    """What autograd offers around any node works around this one: saved-tensor hooks see (and may replace) what it
+    saves, anomaly mode names the forward that made a NaN gradient, a backward inside an autocast region computes in
+    the forward's dtype, and retain_graph keeps its saved tensors for a second backward."""
+    x, w, g = make_case(2, 6, 9, weighted=True, dtype=torch.float32)
+    want = _op_gradient(x, w, g)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    xl = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = threeg_kernels.cov_pool(xl, w, iters=3, backend="ext")
+    assert torch.Size(x.shape) in packed and torch.Size(w.shape) in packed and len(packed) == 6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out.backward(g, retain_graph=True)
+    assert xl.grad.dtype == torch.float32 and torch.equal(xl.grad, want[1])
+    out.backward(g)
+    assert torch.equal(xl.grad, 2 * want[1])
+    with pytest.warns(UserWarning, match="Traceback of forward call"), torch.autograd.detect_anomaly():
+        xl = x.clone().requires_grad_()
+        out = threeg_kernels.cov_pool(xl, w, iters=3, backend="ext")
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            out.backward(torch.full_like(g, float("nan")))
+
+
+def test_eager_node_reference_gradient_errors():
+    """Under create_graph=True the node's backward calls the registered reference gradient: an exception there
+    reaches the caller of backward as it was raised; a malformed return is refused, saying what was expected."""
+    from threeg_kernels import _C, _registration
+
+    class Boom(Exception):
+        pass
+
+    def raising(*args):
+        raise Boom("from the reference gradient")
+
+    x, w, g = make_case(2, 5, 8, weighted=True, dtype=torch.float64)
+    try:
+        for fn, error, match in (
+            (raising, Boom, "from the reference gradient"),
+            (lambda *a: 3, RuntimeError, "must return"),
+        ):
+            _C.set_reference_gradient(fn)
+            xl = x.clone().requires_grad_()
+            out = threeg_kernels.cov_pool(xl, w, iters=3, backend="ext")
+            with pytest.raises(error, match=match):
+                torch.autograd.grad(out, xl, g, create_graph=True)
+    finally:
+        _C.set_reference_gradient(_registration.reference_gradient)
+    xl = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(threeg_kernels.cov_pool(xl, w, iters=3, backend="ext"), xl, g, create_graph=True)
+    assert dx.requires_grad
