@@ -60,7 +60,7 @@ def _cpu_a_shape(b, c, n):
 A_SHAPE = {"cpu": _cpu_a_shape, "cuda": full_a_shape}
 
 # Eager calls that need a gradient run the ops' formula as an autograd node in C++ (csrc/autograd.cpp): no Python
-# frame in its bookkeeping or backward, ~2-4% of a fwd+bwd call at C = 64 (docs/ext.md, "Per-call cost"). Its
+# frame in its bookkeeping or backward, 2-10% of a fwd+bwd call at C = 64 (docs/ext.md, "Per-call cost"). Its
 # backward takes the reference math's gradient where that gradient is itself differentiated (create_graph=True).
 _C.set_reference_gradient(reference_gradient)
 _pool_op = register_pool_op(
