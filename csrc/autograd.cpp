@@ -32,8 +32,8 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&, int64_t, double,
-                                                              c10::string_view, bool, c10::string_view);
+using ForwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&, int64_t,
+                                                              double, c10::string_view, bool, c10::string_view);
 using BackwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                                               const Tensor&, const Tensor&, const Tensor&, int64_t, c10::string_view,
                                               c10::string_view);
@@ -83,7 +83,8 @@ struct CovPoolExt : public torch::autograd::Function<CovPoolExt> {
     if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient is itself differentiated
       pybind11::gil_scoped_acquire gil;
       TORCH_CHECK(reference_gradient != nullptr, "threeg_kernels._C.pool: the gradient is differentiated "
-                  "(create_graph=True) but no reference gradient is registered (threeg_kernels._C.set_reference_gradient)");
+                  "(create_graph=True) but no reference gradient is registered "
+                  "(threeg_kernels._C.set_reference_gradient)");
       try {
         const pybind11::object result = pybind11::reinterpret_borrow<pybind11::object>(reference_gradient)(
             saved[0], weight, grads[0], iters, ctx->saved_data["eps"].toDouble(), order);
@@ -116,9 +117,10 @@ namespace {
 
 const char* const kPoolArgs = "pool(x, weight, iters, eps, order, keep_iterates, precision)";
 
-const Tensor& tensor_arg(PyObject* obj, const char* name) {
+// `what`: the types the argument may have, for the message.
+const Tensor& tensor_arg(PyObject* obj, const char* name, const char* what = "a torch.Tensor") {
   if (!THPVariable_Check(obj)) {
-    throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a torch.Tensor; got ", Py_TYPE(obj)->tp_name));
+    throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be ", what, "; got ", Py_TYPE(obj)->tp_name));
   }
   return THPVariable_Unpack(obj);
 }
@@ -134,7 +136,9 @@ int64_t index_as_int64(PyObject* obj, int* overflow) {
 }
 
 std::string str_arg(PyObject* obj, const char* name) {
-  if (!PyUnicode_Check(obj)) throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a str; got ", Py_TYPE(obj)->tp_name));
+  if (!PyUnicode_Check(obj)) {
+    throw torch::TypeError(c10::str(kPoolArgs, ": ", name, " must be a str; got ", Py_TYPE(obj)->tp_name));
+  }
   Py_ssize_t size = 0;
   const char* s = PyUnicode_AsUTF8AndSize(obj, &size);
   if (s == nullptr) throw python_error();
@@ -148,12 +152,7 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7) throw torch::TypeError(c10::str(kPoolArgs, " takes 7 positional arguments; got ", nargs));
   const Tensor& x = tensor_arg(args[0], "x");
   std::optional<Tensor> weight;
-  if (args[1] != Py_None) {
-    if (!THPVariable_Check(args[1])) {
-      throw torch::TypeError(c10::str(kPoolArgs, ": weight must be a torch.Tensor or None; got ", Py_TYPE(args[1])->tp_name));
-    }
-    weight = THPVariable_Unpack(args[1]);
-  }
+  if (args[1] != Py_None) weight = tensor_arg(args[1], "weight", "a torch.Tensor or None");
   if (PyBool_Check(args[2]) || !PyIndex_Check(args[2])) {
     throw torch::TypeError(c10::str(kPoolArgs, ": iters must be an int; got ", Py_TYPE(args[2])->tp_name));
   }
@@ -182,7 +181,9 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* set_reference_gradient(PyObject*, PyObject* fn) {
   HANDLE_TH_ERRORS
-  if (!PyCallable_Check(fn)) throw torch::TypeError(c10::str("set_reference_gradient: fn must be callable; got ", Py_TYPE(fn)->tp_name));
+  if (!PyCallable_Check(fn)) {
+    throw torch::TypeError(c10::str("set_reference_gradient: fn must be callable; got ", Py_TYPE(fn)->tp_name));
+  }
   Py_INCREF(fn);
   Py_XDECREF(reference_gradient);
   reference_gradient = fn;

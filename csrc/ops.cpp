@@ -85,8 +85,8 @@ PyMethodDef methods[] = {
      "pool(x, weight, iters, eps, order, keep_iterates, precision) -> out: threeg::cov_pool_ext_forward's out, "
      "differentiable in x and weight by the op's formula in a C++ autograd node (csrc/autograd.cpp)."},
     {"set_reference_gradient", threeg::set_reference_gradient, METH_O,
-     "set_reference_gradient(fn): fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None), what pool's "
-     "backward returns where the gradient is itself differentiated (create_graph=True)."},
+     "set_reference_gradient(fn): fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None), "
+     "what pool's backward returns where the gradient is itself differentiated (create_graph=True)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

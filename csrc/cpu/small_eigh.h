@@ -856,7 +856,6 @@ class SmallEigh {
     using namespace small_eigh_detail;
     const int64_t n = n_, ld = ld_;
     bool live[kGroup];
-    int alive = 0;
     for (int j = 0; j < g; ++j) {
       T* aj = a_.data() + j * n * ld;
       T *d = vec(j), *e = d + n, *tau = e + n, *p = tau + n, *u = p + ld, *w = u + ld;
@@ -865,7 +864,6 @@ class SmallEigh {
       tridiagonalise(aj, n, ld, d, e, tau, p, u, w);
       form_qt(aj, tau, n, ld, q_.data(), yt_.data(), vt(j));
       chains_[j].start(d, e, vt(j), n, ld);
-      ++alive;
     }
     if (g == 1) {
       if (live[0]) while (chains_[0].step()) {}
