@@ -705,9 +705,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
           const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
           scalar_t* o = out_p + b * triangle_size(c);
-          if (gram) {  // Y's lower triangle only
-            for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) {
-              o[idx] = root * lower_entry(Y, c, i, j) + (i == j ? root_diag : scalar_t(0));
+          if (gram) {
+            // Y's lower triangle only (gemm_lower): the upper order reads it mirrored. Row loops over contiguous
+            // entries that vectorise; an element-wise lower_entry() with the diagonal's test was a scalar loop,
+            // ~9% of the forward at C = 256, N = 49.
+            if (!lower) mirror(P, c, true);
+            for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
+              const scalar_t* row = Y + i * c;
+              for (int64_t j = j0; j < j1; ++j) o[idx + j - j0] = root * row[j];
+              o[idx + i - j0] += root_diag;
             });
           } else {
             for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
