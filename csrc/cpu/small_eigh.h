@@ -900,15 +900,22 @@ class SmallEigh {
   T* vec(int j) { return vec_.data() + j * (3 * n_ + 3 * ld_); }
   T* vt(int j) { return vt_.data() + j * n_ * ld_; }
 
-  // a into the padded rows of `to` (zeros past n); false if an entry is not finite.
+  // a into the padded rows of `to` (zeros past n); false if an entry is not finite. A row is copied and tested
+  // whole (an integer OR of the entries' tests, which vectorises; a test with an early exit per entry compiled to
+  // a scalar loop, ~5% of the eigendecomposition at n = 64).
   bool copy_finite(const T* a, T* to) const {
     const int64_t n = n_, ld = ld_;
+    constexpr T kMax = std::numeric_limits<T>::max();
     for (int64_t i = 0; i < n; ++i) {
+      const T* row = a + i * n;
+      T* dst = to + i * ld;
+      int bad = 0;
       for (int64_t j = 0; j < n; ++j) {
-        if (!std::isfinite(a[i * n + j])) return false;
-        to[i * ld + j] = a[i * n + j];
+        bad |= !(std::fabs(row[j]) <= kMax);  // false for +-inf and NaN
+        dst[j] = row[j];
       }
-      std::fill(to + i * ld + n, to + (i + 1) * ld, T(0));
+      if (bad) return false;
+      std::fill(dst + n, to + (i + 1) * ld, T(0));
     }
     return true;
   }
