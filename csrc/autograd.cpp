@@ -7,6 +7,8 @@
 //
 //   threeg_kernels._C.pool(x, weight, iters, eps, order, keep_iterates, precision) -> out
 //       out of threeg::cov_pool_ext_forward, differentiable in x and weight;
+//   threeg_kernels._C.fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None
+//       cov_pool's common eager case on CPU in one call (see fast_pool below), None where the Python layer decides;
 //   threeg_kernels._C.set_reference_gradient(fn)
 //       fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None): the gradient as a differentiable
 //       function, taken where the backward itself is differentiated (create_graph=True); the Python layer registers
@@ -15,10 +17,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cfloat>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -176,6 +183,124 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     out = CovPoolExt::apply(x, weight, iters, eps, order, keep_iterates, precision);
   }
   return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// cov_pool(x, weight, iters=, eps=, order=, backend=, precision=, keep_iterates=) (threeg_kernels/api.py) for the
+// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' (or 'auto' where the Python layer has
+// said that it resolves to ext on CPU: set_fast_auto), options of the exact types and in range, no transform, mode
+// or autocast region active. It takes the same steps as the Python layer (the checks, the views of x as (B, C, N)
+// and of weight as (B, N), keep_iterates' default, the C++ node or, without a gradient to come, the forward op
+// below autograd), so the result is the same; every other case returns None and the Python layer runs as it does
+// for any call (its checks raise the errors): this function only accepts, it never raises for a user's mistake.
+// After a call's kernels have filled the core's caches, the Python layer's frames and checks cost ~8-10% of a
+// call at C = 64, N = 196 (docs/ext.md, "Per-call cost").
+namespace {
+
+bool fast_auto = false;  // 'auto' on CPU resolves to ext (set_fast_auto, from threeg_kernels.dispatch)
+
+// The Python object is a torch.Tensor or an nn.Parameter (THPVariable_CheckExact; the Python layer's _plain), no
+// other subclass, and its tensor is plain: strided, on the CPU, no wrapper or view-bit keys (functorch,
+// functionalization, Python subclasses, conjugate / negative views), no forward-mode tangent.
+bool plain_cpu(PyObject* obj, const Tensor** out) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  const Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || t.layout() != at::kStrided || t.device().type() != c10::DeviceType::CPU) return false;
+  using c10::DispatchKey;
+  constexpr auto kOther = c10::DispatchKeySet({DispatchKey::FuncTorchBatched, DispatchKey::FuncTorchGradWrapper,
+                                               DispatchKey::Functionalize, DispatchKey::Python, DispatchKey::Conjugate,
+                                               DispatchKey::Negative, DispatchKey::ZeroTensor});
+  if (t.key_set().has_any(kOther)) return false;
+  if (t._fw_grad(/*level=*/0).defined()) return false;
+  *out = &t;
+  return true;
+}
+
+bool str_is(PyObject* obj, const char* value) {
+  if (!PyUnicode_CheckExact(obj)) return false;
+  return PyUnicode_CompareWithASCIIString(obj, value) == 0;
+}
+
+}  // namespace
+
+PyObject* fast_pool(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) Py_RETURN_NONE;
+  PyObject *x_obj = args[0], *w_obj = args[1], *iters_obj = args[2], *eps_obj = args[3], *order_obj = args[4],
+           *backend_obj = args[5], *precision_obj = args[6], *keep_obj = args[7];
+  // the backend, the options (exact types: bool is not an int here, an int is not a float eps)
+  const bool auto_is_ext = fast_auto && str_is(backend_obj, "auto") && std::getenv("THREEG_BACKEND") == nullptr;
+  if (!auto_is_ext && !str_is(backend_obj, "ext")) Py_RETURN_NONE;
+  if (!PyLong_CheckExact(iters_obj) || !PyFloat_CheckExact(eps_obj) || !str_is(precision_obj, "ieee")) Py_RETURN_NONE;
+  const bool lower = str_is(order_obj, "3g");
+  if (!lower && !str_is(order_obj, "mpncov")) Py_RETURN_NONE;
+  if (keep_obj != Py_None && keep_obj != Py_True && keep_obj != Py_False) Py_RETURN_NONE;
+  int overflow = 0;
+  const long long iters = PyLong_AsLongLongAndOverflow(iters_obj, &overflow);
+  if (overflow != 0 || iters < 1 || iters > 20) {  // cov_pool's MAX_ITERS
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  const double eps = PyFloat_AS_DOUBLE(eps_obj);
+  if (!(eps >= 0 && eps < HUGE_VAL)) Py_RETURN_NONE;
+  // no transform, mode or autocast region: the Python layer knows what to do there
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) || at::impl::torch_function_mode_enabled() ||
+      at::autocast::is_autocast_enabled(c10::DeviceType::CPU)) {
+    Py_RETURN_NONE;
+  }
+  // x: (B, C, N) or (B, C, H, W), float32 (iters <= 5: the spectral route's limit, ext_impl.py) or float64
+  const Tensor* x = nullptr;
+  if (!plain_cpu(x_obj, &x)) Py_RETURN_NONE;
+  const auto dtype = x->scalar_type();
+  if (!(dtype == at::kDouble || (dtype == at::kFloat && iters <= 5))) Py_RETURN_NONE;
+  const int64_t dim = x->dim();
+  if (dim != 3 && dim != 4) Py_RETURN_NONE;
+  const int64_t b = x->size(0), c = x->size(1), n = dim == 3 ? x->size(2) : x->size(2) * x->size(3);
+  if (c < 1 || n < 2) Py_RETURN_NONE;
+  const double tiny = dtype == at::kFloat ? FLT_MIN : DBL_MIN, largest = dtype == at::kFloat ? FLT_MAX : DBL_MAX;
+  if (eps != 0 && !(tiny <= eps && eps <= largest)) Py_RETURN_NONE;  // representable in the compute dtype
+  // weight: None, or the dtype of x with one of the shapes cov_pool accepts
+  std::optional<Tensor> weight;
+  if (w_obj != Py_None) {
+    const Tensor* w = nullptr;
+    if (!plain_cpu(w_obj, &w) || w->scalar_type() != dtype) Py_RETURN_NONE;
+    const auto ws = w->sizes();
+    bool accepted = false;
+    if (dim == 3) {
+      accepted = (ws.size() == 3 && ws[0] == b && ws[1] == 1 && ws[2] == n) ||
+                 (ws.size() == 2 && ws[0] == b && ws[1] == n);
+    } else {
+      const int64_t h = x->size(2), wd = x->size(3);
+      accepted = (ws.size() == 4 && ws[0] == b && ws[1] == 1 && ws[2] == h && ws[3] == wd) ||
+                 (ws.size() == 3 && ws[0] == b && ws[1] == h && ws[2] == wd) ||
+                 (ws.size() == 2 && ws[0] == b && ws[1] == n);
+    }
+    if (!accepted) Py_RETURN_NONE;
+    weight = ws.size() == 2 ? *w : w->reshape({b, n});
+  }
+  const Tensor x3 = dim == 3 ? *x : x->reshape({b, c, n});
+  const bool needs_grad = at::GradMode::is_enabled() && (x->requires_grad() || (weight && weight->requires_grad()));
+  const bool keep = needs_grad && keep_obj != Py_False;  // None: ext's default, keep
+  const std::string order = lower ? "3g" : "mpncov";
+  Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (needs_grad) {
+      out = CovPoolExt::apply(x3, weight, iters, eps, order, keep, "ieee");
+    } else {
+      at::AutoDispatchBelowAutograd below_autograd;  // as pool_op's eager call without a gradient
+      out = std::get<0>(forward_op().call(x3, weight, iters, eps, order, keep, "ieee"));
+    }
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_fast_auto(PyObject*, PyObject* flag) {
+  HANDLE_TH_ERRORS
+  fast_auto = PyObject_IsTrue(flag) == 1;
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 

@@ -1,0 +1,204 @@
+"""cov_pool's one-call path on CPU (threeg_kernels._C.fast_pool, csrc/autograd.cpp): where it runs, its outputs and
+gradients are the Python layer's bit for bit; everywhere else it declines (None) and the Python layer runs, errors
+included."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import threeg_kernels
+from tests.helpers import make_case
+from threeg_kernels import api
+
+FAST = api._FAST_POOL
+pytestmark = pytest.mark.skipif(FAST is None, reason="the ext backend is not built")
+
+
+def _fast(x, weight=None, iters=5, eps=1e-7, order="3g", backend="ext", precision="ieee", keep_iterates=None):
+    return FAST(x, weight, iters, eps, order, backend, precision, keep_iterates)
+
+
+def _run(x, w, g, slow, **options):
+    """(out, dx, dweight) of cov_pool on fresh leaves; slow: with the one-call path switched off."""
+    saved = api._FAST_POOL
+    if slow:
+        api._FAST_POOL = None
+    try:
+        xl = x.detach().requires_grad_()
+        wl = None if w is None else w.detach().requires_grad_()
+        out = threeg_kernels.cov_pool(xl, wl, **options)
+        leaves = [xl] + ([] if wl is None else [wl])
+        grads = torch.autograd.grad(out, leaves, g)
+        return (out, *grads)
+    finally:
+        api._FAST_POOL = saved
+
+
+def _weight_shapes(b, h, w):
+    """The weight shapes cov_pool accepts for x of shape (b, C, h, w) and for its view (b, C, h * w)."""
+    return {4: [(b, 1, h, w), (b, h, w), (b, h * w)], 3: [(b, 1, h * w), (b, h * w)]}
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, order, keep, backend",
+    list(
+        itertools.product(
+            [torch.float32, torch.float64], [3, 4], ["3g", "mpncov"], [None, True, False], ["ext", "auto"]
+        )
+    ),
+)
+def test_same_bits_as_the_python_layer(dtype, dim, order, keep, backend):
+    """Every weight shape, both triangles, keep_iterates' three values, 'ext' and 'auto': the one-call path is taken
+    and gives the Python layer's output and gradients exactly."""
+    if backend == "auto" and not threeg_kernels.dispatch.resolve_auto_is("ext", torch.device("cpu")):
+        pytest.skip("'auto' on CPU is not ext here")
+    x, _, g = make_case(2, 6, 12, weighted=False, dtype=dtype, seed=dim)
+    x = x.reshape(2, 6, 3, 4) if dim == 4 else x
+    for shape in [None] + _weight_shapes(2, 3, 4)[dim]:
+        w = None if shape is None else torch.rand(shape, dtype=dtype) + 0.1
+        options = dict(iters=5, eps=1e-6, order=order, backend=backend, keep_iterates=keep)
+        assert _fast(x, w, 5, 1e-6, order, backend, "ieee", keep) is not None, shape
+        fast, slow = _run(x, w, g, False, **options), _run(x, w, g, True, **options)
+        assert len(fast) == len(slow)
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b), shape
+
+
+def test_without_gradient_and_empty_batch():
+    """No gradient to come (no_grad, inference_mode, inputs that need none): the forward alone, as the Python layer
+    runs it; B = 0 gives the empty result."""
+    x, w, _ = make_case(3, 5, 9, weighted=True, dtype=torch.float64)
+    want = threeg_kernels.cov_pool(x, w, backend="reference")
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = _fast(x.requires_grad_(), w)
+        assert out is not None and out.grad_fn is None
+        assert (out - want).abs().max() <= 1e-12 * want.abs().max()
+    x.requires_grad_(False)
+    out = _fast(x, w)
+    assert out is not None and out.grad_fn is None
+    empty = _fast(torch.randn(0, 5, 9, dtype=torch.float64))
+    assert empty is not None and empty.shape == (0, 15)
+
+
+def test_parameter_input_same_bits():
+    """An nn.Parameter counts as a plain tensor (as in the Python layer, registration._plain): taken, same bits."""
+    x, w, g = make_case(2, 5, 8, weighted=True, dtype=torch.float32, seed=4)
+    got = []
+    for slow in (False, True):
+        saved = api._FAST_POOL
+        api._FAST_POOL = None if slow else saved
+        try:
+            p = torch.nn.Parameter(x.clone())
+            out = threeg_kernels.cov_pool(p, w, backend="ext")
+            got.append((out, *torch.autograd.grad(out, [p], g)))
+        finally:
+            api._FAST_POOL = saved
+    assert _fast(torch.nn.Parameter(x), w) is not None
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _NoopFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _NoopDispatchMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _declined_cases():
+    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float32)
+    x64, w64 = x.double(), w.double()
+    yield "backend torch", lambda: _fast(x, w, backend="torch")
+    yield "backend reference", lambda: _fast(x, w, backend="reference")
+    yield "backend unknown", lambda: _fast(x, w, backend="fast")
+    yield "precision tf32", lambda: _fast(x, w, precision="tf32")
+    yield "iters a bool", lambda: _fast(x, w, iters=True)
+    yield "iters a float", lambda: _fast(x, w, iters=5.0)
+    yield "iters 0", lambda: _fast(x, w, iters=0)
+    yield "iters 21", lambda: _fast(x64, w64, iters=21)
+    yield "iters 6 in float32 (the iteration, not the spectral route)", lambda: _fast(x, w, iters=6)
+    yield "iters a huge int", lambda: _fast(x, w, iters=1 << 70)
+    yield "eps an int", lambda: _fast(x, w, eps=0)
+    yield "eps negative", lambda: _fast(x, w, eps=-1e-7)
+    yield "eps inf", lambda: _fast(x, w, eps=float("inf"))
+    yield "eps nan", lambda: _fast(x, w, eps=float("nan"))
+    yield "eps below float32's normal range", lambda: _fast(x, w, eps=1e-40)
+    yield "order unknown", lambda: _fast(x, w, order="lower")
+    yield "keep_iterates an int", lambda: _fast(x, w, keep_iterates=1)
+    yield "x float16", lambda: _fast(x.half(), w.half())
+    yield "x bfloat16", lambda: _fast(x.bfloat16(), w.bfloat16())
+    yield "x 2-d", lambda: _fast(x[0], None)
+    yield "x 5-d", lambda: _fast(x.reshape(2, 4, 1, 2, 3), None)
+    yield "x with N = 1", lambda: _fast(x[..., :1], None)
+    yield "x a subclass", lambda: _fast(x.as_subclass(_Subclass), w)
+    yield "x not a tensor", lambda: _fast(x.tolist(), None)
+    yield "x on the meta device", lambda: _fast(x.to("meta"), None)
+    yield "weight of another dtype", lambda: _fast(x, w64)
+    yield "weight of another shape", lambda: _fast(x, w[:, :5])
+    yield "weight (B, 1, H, W) for 3-d x", lambda: _fast(x, w.reshape(2, 1, 2, 3))
+    yield "weight not a tensor", lambda: _fast(x, w.tolist())
+    yield "autocast on", lambda: _autocast(lambda: _fast(x, w))
+    yield "a torch function mode", lambda: _in_mode(_NoopFunctionMode(), lambda: _fast(x, w))
+    yield "a torch dispatch mode", lambda: _in_mode(_NoopDispatchMode(), lambda: _fast(x, w))
+    yield "inside vmap", lambda: _declined_inside_vmap(x, w)
+    yield "a forward-mode tangent", lambda: _with_tangent(x, w)
+
+
+def _autocast(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
+def _in_mode(mode, fn):
+    with mode:
+        return fn()
+
+
+def _declined_inside_vmap(x, w):
+    seen = []
+    torch.func.vmap(lambda xs, ws: seen.append(_fast(xs[None], ws[None])) or xs.sum())(x, w)
+    return seen[0]
+
+
+def _with_tangent(x, w):
+    with fwAD.dual_level():
+        return _fast(fwAD.make_dual(x, torch.ones_like(x)), w)
+
+
+@pytest.mark.parametrize("case, call", list(_declined_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_declines_what_the_python_layer_decides(case, call):
+    assert call() is None, case
+
+
+def test_auto_declines_under_threeg_backend(monkeypatch):
+    """THREEG_BACKEND overrides 'auto' in the Python layer (dispatch.resolve): the one-call path leaves it there."""
+    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float64)
+    monkeypatch.setenv("THREEG_BACKEND", "reference")
+    assert _fast(x, w, backend="auto") is None
+    assert _fast(x, w, backend="ext") is not None
+
+
+def test_errors_still_come_from_the_python_layer():
+    """The one-call path never raises for a user's mistake: cov_pool's own messages reach the caller."""
+    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float32)
+    with pytest.raises(TypeError, match="iters must be an int"):
+        threeg_kernels.cov_pool(x, w, iters=True, backend="ext")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        threeg_kernels.cov_pool(x, w[:, :5], backend="ext")
+    with pytest.raises(ValueError, match="eps must be finite"):
+        threeg_kernels.cov_pool(x, w, eps=float("inf"), backend="ext")
