@@ -8,7 +8,8 @@
 //   threeg_kernels._C.pool(x, weight, iters, eps, order, keep_iterates, precision) -> out
 //       out of threeg::cov_pool_ext_forward, differentiable in x and weight;
 //   threeg_kernels._C.fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None
-//       cov_pool's common eager case on CPU in one call (see fast_pool below), None where the Python layer decides;
+//       cov_pool(backend='ext')'s common eager case on CPU in one call (fast_pool below), None where the Python
+//       layer decides;
 //   threeg_kernels._C.set_reference_gradient(fn)
 //       fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None): the gradient as a differentiable
 //       function, taken where the backward itself is differentiated (create_graph=True); the Python layer registers
@@ -187,9 +188,9 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // cov_pool(x, weight, iters=, eps=, order=, backend=, precision=, keep_iterates=) (threeg_kernels/api.py) for the
-// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' (or 'auto' where the Python layer has
-// said that it resolves to ext on CPU: set_fast_auto), options of the exact types and in range, no transform, mode
-// or autocast region active. It takes the same steps as the Python layer (the checks, the views of x as (B, C, N)
+// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' by name (what 'auto' resolves to is the
+// Python layer's to decide at each call: THREEG_BACKEND, the autoselect tables), options of the exact types and in
+// range, no transform, mode or autocast region active. It takes the same steps as the Python layer (the checks, the views of x as (B, C, N)
 // and of weight as (B, N), keep_iterates' default, the C++ node or, without a gradient to come, the forward op
 // below autograd), so the result is the same; every other case returns None and the Python layer runs as it does
 // for any call (its checks raise the errors): this function only accepts, it never raises for a user's mistake.
@@ -197,20 +198,18 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // call at C = 64, N = 196 (docs/ext.md, "Per-call cost").
 namespace {
 
-bool fast_auto = false;  // 'auto' on CPU resolves to ext (set_fast_auto, from threeg_kernels.dispatch)
-
 // The Python object is a torch.Tensor or an nn.Parameter (THPVariable_CheckExact; the Python layer's _plain), no
-// other subclass, and its tensor is plain: strided, on the CPU, no wrapper or view-bit keys (functorch,
-// functionalization, Python subclasses, conjugate / negative views), no forward-mode tangent.
+// other subclass, and its tensor is plain: strided, on the CPU, with no dispatch key but a dense CPU tensor's (so
+// no functorch wrapper, functionalization, Python subclass, nested tensor, conjugate / negative / zero view), no
+// forward-mode tangent.
 bool plain_cpu(PyObject* obj, const Tensor** out) {
   if (!THPVariable_CheckExact(obj)) return false;
   const Tensor& t = THPVariable_Unpack(obj);
   if (!t.defined() || t.layout() != at::kStrided || t.device().type() != c10::DeviceType::CPU) return false;
   using c10::DispatchKey;
-  constexpr auto kOther = c10::DispatchKeySet({DispatchKey::FuncTorchBatched, DispatchKey::FuncTorchGradWrapper,
-                                               DispatchKey::Functionalize, DispatchKey::Python, DispatchKey::Conjugate,
-                                               DispatchKey::Negative, DispatchKey::ZeroTensor});
-  if (t.key_set().has_any(kOther)) return false;
+  constexpr auto kPlain = c10::DispatchKeySet(
+      {DispatchKey::CPU, DispatchKey::ADInplaceOrView, DispatchKey::AutogradCPU, DispatchKey::AutocastCPU});
+  if ((t.key_set() | kPlain) != kPlain || t.is_nested()) return false;
   if (t._fw_grad(/*level=*/0).defined()) return false;
   *out = &t;
   return true;
@@ -229,8 +228,7 @@ PyObject* fast_pool(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject *x_obj = args[0], *w_obj = args[1], *iters_obj = args[2], *eps_obj = args[3], *order_obj = args[4],
            *backend_obj = args[5], *precision_obj = args[6], *keep_obj = args[7];
   // the backend, the options (exact types: bool is not an int here, an int is not a float eps)
-  const bool auto_is_ext = fast_auto && str_is(backend_obj, "auto") && std::getenv("THREEG_BACKEND") == nullptr;
-  if (!auto_is_ext && !str_is(backend_obj, "ext")) Py_RETURN_NONE;
+  if (!str_is(backend_obj, "ext")) Py_RETURN_NONE;
   if (!PyLong_CheckExact(iters_obj) || !PyFloat_CheckExact(eps_obj) || !str_is(precision_obj, "ieee")) Py_RETURN_NONE;
   const bool lower = str_is(order_obj, "3g");
   if (!lower && !str_is(order_obj, "mpncov")) Py_RETURN_NONE;
@@ -294,13 +292,6 @@ PyObject* fast_pool(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
   }
   return THPVariable_Wrap(std::move(out));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* set_fast_auto(PyObject*, PyObject* flag) {
-  HANDLE_TH_ERRORS
-  fast_auto = PyObject_IsTrue(flag) == 1;
-  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 

@@ -6,5 +6,4 @@ namespace threeg {
 PyObject* pool_autograd(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 PyObject* set_reference_gradient(PyObject* self, PyObject* fn);
 PyObject* fast_pool(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
-PyObject* set_fast_auto(PyObject* self, PyObject* flag);
 }  // namespace threeg

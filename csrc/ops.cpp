@@ -85,10 +85,9 @@ PyMethodDef methods[] = {
      "pool(x, weight, iters, eps, order, keep_iterates, precision) -> out: threeg::cov_pool_ext_forward's out, "
      "differentiable in x and weight by the op's formula in a C++ autograd node (csrc/autograd.cpp)."},
     {"fast_pool", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(threeg::fast_pool)), METH_FASTCALL,
-     "fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None: cov_pool's common "
-     "eager CPU case in one call (csrc/autograd.cpp); None where the Python layer decides."},
-    {"set_fast_auto", threeg::set_fast_auto, METH_O,
-     "set_fast_auto(flag): whether backend='auto' on CPU resolves to ext (fast_pool takes it then)."},
+     "fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None: "
+     "cov_pool(backend='ext')'s common eager CPU case in one call (csrc/autograd.cpp); None where the Python layer "
+     "decides."},
     {"set_reference_gradient", threeg::set_reference_gradient, METH_O,
      "set_reference_gradient(fn): fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None), "
      "what pool's backward returns where the gradient is itself differentiated (create_graph=True)."},

@@ -5,6 +5,7 @@ included."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -24,20 +25,28 @@ def _fast(x, weight=None, iters=5, eps=1e-7, order="3g", backend="ext", precisio
     return FAST(x, weight, iters, eps, order, backend, precision, keep_iterates)
 
 
-def _run(x, w, g, slow, **options):
-    """(out, dx, dweight) of cov_pool on fresh leaves; slow: with the one-call path switched off."""
-    saved = api._FAST_POOL
+def _run(x, w, g, slow, needs=(True, True), **options):
+    """(out, gradients..., saved-tensor sizes) of cov_pool on fresh leaves (x and weight requiring a gradient as
+    `needs` says; none: no backward); slow: with the one-call path switched off."""
+    saved_fast = api._FAST_POOL
     if slow:
         api._FAST_POOL = None
+    sizes = []
+
+    def pack(t):
+        sizes.append(tuple(t.shape))
+        return t
+
     try:
-        xl = x.detach().requires_grad_()
-        wl = None if w is None else w.detach().requires_grad_()
-        out = threeg_kernels.cov_pool(xl, wl, **options)
-        leaves = [xl] + ([] if wl is None else [wl])
-        grads = torch.autograd.grad(out, leaves, g)
-        return (out, *grads)
+        xl = x.detach().requires_grad_(needs[0])
+        wl = None if w is None else w.detach().requires_grad_(needs[1])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = threeg_kernels.cov_pool(xl, wl, **options)
+        leaves = [t for t in (xl, wl) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, leaves, g) if leaves else ()
+        return (out, *grads), sizes
     finally:
-        api._FAST_POOL = saved
+        api._FAST_POOL = saved_fast
 
 
 def _weight_shapes(b, h, w):
@@ -45,30 +54,34 @@ def _weight_shapes(b, h, w):
     return {4: [(b, 1, h, w), (b, h, w), (b, h * w)], 3: [(b, 1, h * w), (b, h * w)]}
 
 
+def _assert_same(fast, slow, what):
+    (fast_out, fast_sizes), (slow_out, slow_sizes) = fast, slow
+    assert fast_sizes == slow_sizes, what  # what is saved for the backward: keep_iterates honoured
+    assert len(fast_out) == len(slow_out), what
+    for a, b in zip(fast_out, slow_out):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        assert torch.equal(a, b), what
+        assert (a.grad_fn is None) == (b.grad_fn is None), what
+
+
 @pytest.mark.parametrize(
-    "dtype, dim, order, keep, backend",
-    list(
-        itertools.product(
-            [torch.float32, torch.float64], [3, 4], ["3g", "mpncov"], [None, True, False], ["ext", "auto"]
-        )
-    ),
+    "dtype, dim, order, keep",
+    list(itertools.product([torch.float32, torch.float64], [3, 4], ["3g", "mpncov"], [None, True, False])),
 )
-def test_same_bits_as_the_python_layer(dtype, dim, order, keep, backend):
-    """Every weight shape, both triangles, keep_iterates' three values, 'ext' and 'auto': the one-call path is taken
-    and gives the Python layer's output and gradients exactly."""
-    if backend == "auto" and not threeg_kernels.dispatch.resolve_auto_is("ext", torch.device("cpu")):
-        pytest.skip("'auto' on CPU is not ext here")
+def test_same_bits_as_the_python_layer(dtype, dim, order, keep):
+    """Every weight shape, both triangles, keep_iterates' three values, a gradient for x and the weight, for one of
+    them, or none: the one-call path is taken and gives the Python layer's output, gradients and saved tensors."""
     x, _, g = make_case(2, 6, 12, weighted=False, dtype=dtype, seed=dim)
     x = x.reshape(2, 6, 3, 4) if dim == 4 else x
     for shape in [None] + _weight_shapes(2, 3, 4)[dim]:
         w = None if shape is None else torch.rand(shape, dtype=dtype) + 0.1
-        options = dict(iters=5, eps=1e-6, order=order, backend=backend, keep_iterates=keep)
-        assert _fast(x, w, 5, 1e-6, order, backend, "ieee", keep) is not None, shape
-        fast, slow = _run(x, w, g, False, **options), _run(x, w, g, True, **options)
-        assert len(fast) == len(slow)
-        for a, b in zip(fast, slow):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            assert torch.equal(a, b), shape
+        options = dict(iters=5, eps=1e-6, order=order, backend="ext", keep_iterates=keep)
+        assert _fast(x, w, 5, 1e-6, order, "ext", "ieee", keep) is not None, shape
+        for needs in [(True, True), (True, False), (False, True), (False, False)]:
+            if w is None and needs[1]:
+                continue
+            what = (shape, needs)
+            _assert_same(_run(x, w, g, False, needs, **options), _run(x, w, g, True, needs, **options), what)
 
 
 def test_without_gradient_and_empty_batch():
@@ -126,6 +139,7 @@ def _declined_cases():
     yield "backend torch", lambda: _fast(x, w, backend="torch")
     yield "backend reference", lambda: _fast(x, w, backend="reference")
     yield "backend unknown", lambda: _fast(x, w, backend="fast")
+    yield "backend auto (the Python layer resolves it at each call)", lambda: _fast(x, w, backend="auto")
     yield "precision tf32", lambda: _fast(x, w, precision="tf32")
     yield "iters a bool", lambda: _fast(x, w, iters=True)
     yield "iters a float", lambda: _fast(x, w, iters=5.0)
@@ -148,6 +162,8 @@ def _declined_cases():
     yield "x a subclass", lambda: _fast(x.as_subclass(_Subclass), w)
     yield "x not a tensor", lambda: _fast(x.tolist(), None)
     yield "x on the meta device", lambda: _fast(x.to("meta"), None)
+    yield "x a nested tensor", lambda: _fast(_nested(x), None)
+    yield "x a negative view", lambda: _fast(x._neg_view(), None)
     yield "weight of another dtype", lambda: _fast(x, w64)
     yield "weight of another shape", lambda: _fast(x, w[:, :5])
     yield "weight (B, 1, H, W) for 3-d x", lambda: _fast(x, w.reshape(2, 1, 2, 3))
@@ -157,6 +173,12 @@ def _declined_cases():
     yield "a torch dispatch mode", lambda: _in_mode(_NoopDispatchMode(), lambda: _fast(x, w))
     yield "inside vmap", lambda: _declined_inside_vmap(x, w)
     yield "a forward-mode tangent", lambda: _with_tangent(x, w)
+
+
+def _nested(x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prototype-stage warning of strided nested tensors
+        return torch.nested.nested_tensor([x[0], x[1]])
 
 
 def _autocast(fn):
@@ -183,14 +205,6 @@ def _with_tangent(x, w):
 @pytest.mark.parametrize("case, call", list(_declined_cases()), ids=lambda v: v if isinstance(v, str) else "")
 def test_declines_what_the_python_layer_decides(case, call):
     assert call() is None, case
-
-
-def test_auto_declines_under_threeg_backend(monkeypatch):
-    """THREEG_BACKEND overrides 'auto' in the Python layer (dispatch.resolve): the one-call path leaves it there."""
-    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float64)
-    monkeypatch.setenv("THREEG_BACKEND", "reference")
-    assert _fast(x, w, backend="auto") is None
-    assert _fast(x, w, backend="ext") is not None
 
 
 def test_errors_still_come_from_the_python_layer():

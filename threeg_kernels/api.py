@@ -83,8 +83,8 @@ def cov_pool(
         dispatch.BackendUnavailableError when a named backend cannot run here (the message says why).
     """
     if _FAST_POOL is not None and not torch.compiler.is_compiling():
-        # The common eager case on CPU (plain float32/float64 tensors, backend 'ext' or an 'auto' that is ext, valid
-        # options, no transform or autocast) in one C++ call that takes the steps below; None for anything else.
+        # backend='ext''s common eager case on CPU (plain float32/float64 tensors, valid options, no transform, mode
+        # or autocast) in one C++ call that takes the steps below; None for anything else.
         out = _FAST_POOL(x, weight, iters, eps, order, backend, precision, keep_iterates)
         if out is not None:
             return out
@@ -117,16 +117,14 @@ def cov_pool(
 
 
 def _fast_entry():
-    """threeg_kernels._C.fast_pool where the ext backend runs on CPU, told whether backend='auto' on CPU resolves to
-    ext; None otherwise. fast_pool (csrc/autograd.cpp) runs cov_pool's common eager CPU case in one call: after a
-    call's kernels have filled the core's caches, the Python frames and checks below cost ~8-10% of a call at
-    C = 64, N = 196 (docs/ext.md, "Per-call cost")."""
-    cpu = torch.device("cpu")
-    if dispatch.unavailable_reason("ext", cpu) is not None:
+    """threeg_kernels._C.fast_pool where the ext backend runs on CPU, else None. fast_pool (csrc/autograd.cpp) runs
+    cov_pool(backend='ext')'s common eager CPU case in one call: after a call's kernels have filled the core's
+    caches, the Python frames and checks below cost ~8-10% of a call at C = 64, N = 196 (docs/ext.md, "Per-call
+    cost"). 'auto' stays with the Python layer, which decides it at each call (THREEG_BACKEND, autoselect)."""
+    if dispatch.unavailable_reason("ext", torch.device("cpu")) is not None:
         return None
     from . import _C
 
-    _C.set_fast_auto(dispatch.resolve_auto_is("ext", cpu))
     return _C.fast_pool
 
 

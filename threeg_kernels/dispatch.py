@@ -110,15 +110,6 @@ def resolve(backend: str, device: torch.device) -> Loaded:
     return _LOADED[backend][0]
 
 
-def resolve_auto_is(name: str, device: torch.device) -> bool:
-    """Whether backend='auto' on `device` (THREEG_BACKEND unset) always runs backend `name`: it is the first present
-    in AUTO_ORDER and no measurement decides per shape."""
-    try:
-        return _resolve_auto(device) is _LOADED[name][0]
-    except BackendUnavailableError:
-        return False
-
-
 _AUTO: dict[tuple[str, ...], Loaded] = {}  # present backends' names -> what a measured 'auto' resolves to
 
 
