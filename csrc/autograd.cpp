@@ -192,8 +192,9 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // Python layer's to decide at each call: THREEG_BACKEND, the autoselect tables), options of the exact types and in
 // range, no transform, mode or autocast region active. It takes the same steps as the Python layer (the checks,
 // the views of x as (B, C, N) and of weight as (B, N), keep_iterates' default, the C++ node or, without a gradient
-// to come, the forward op below autograd), so the result is the same; every other case returns None and the Python layer runs as it does
-// for any call (its checks raise the errors): this function only accepts, it never raises for a user's mistake.
+// to come, the forward op below autograd), so the result is the same; every other case returns None and the Python
+// layer runs as it does for any call (its checks raise the errors): this function only accepts, it never raises
+// for a user's mistake.
 // After a call's kernels have filled the core's caches, the Python layer's frames and checks cost ~8-10% of a
 // call at C = 64, N = 196 (docs/ext.md, "Per-call cost").
 namespace {
