@@ -236,10 +236,7 @@ PyObject* fast_pool(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (keep_obj != Py_None && keep_obj != Py_True && keep_obj != Py_False) Py_RETURN_NONE;
   int overflow = 0;
   const long long iters = PyLong_AsLongLongAndOverflow(iters_obj, &overflow);
-  if (overflow != 0 || iters < 1 || iters > 20) {  // cov_pool's MAX_ITERS
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
+  if (overflow != 0 || iters < 1 || iters > 20) Py_RETURN_NONE;  // cov_pool's MAX_ITERS (tests/test_fast_path.py)
   const double eps = PyFloat_AS_DOUBLE(eps_obj);
   if (!(eps >= 0 && eps < HUGE_VAL)) Py_RETURN_NONE;
   // no transform, mode or autocast region: the Python layer knows what to do there

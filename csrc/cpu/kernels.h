@@ -78,7 +78,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, con
 
 // The lower triangle of c = alpha x y^T (m x m; x and y m x k, row-major): for a symmetric product only the
 // blocks on and below the diagonal are computed, one product per block row of kLowerBlock rows (for m = 512:
-// 10 of 16 blocks). Entries above the diagonal are left as they were: read c through lower_entry or mirror it.
+// 10 of 16 blocks). Entries above the diagonal are left as they were: read c's lower triangle only, or mirror it.
 constexpr int64_t kLowerBlock = 128;
 
 template <typename scalar_t>
@@ -98,11 +98,6 @@ void gemm_lower_tn(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, cons
     const int64_t rows = std::min(kLowerBlock, m - r0);
     gemm<scalar_t>(true, false, rows, r0 + rows, k, alpha, x + r0, ld, y, ld, 0, c + r0 * ldc, ldc);
   }
-}
-
-template <typename scalar_t>
-inline scalar_t lower_entry(const scalar_t* c, int64_t ldc, int64_t i, int64_t j) {
-  return i >= j ? c[i * ldc + j] : c[j * ldc + i];
 }
 
 // BLAS takes 32-bit sizes: every matrix of a sample must fit (C^2, C N and N^2 below 2^31).
@@ -707,8 +702,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           scalar_t* o = out_p + b * triangle_size(c);
           if (gram) {
             // Y's lower triangle only (gemm_lower): the upper order reads it mirrored. Row loops over contiguous
-            // entries that vectorise; an element-wise lower_entry() with the diagonal's test was a scalar loop,
-            // ~9% of the forward at C = 256, N = 49.
+            // entries that vectorise; an element-wise read of either triangle with the diagonal's test was a scalar
+            // loop, ~9% of the forward at C = 256, N = 49.
             if (!lower) mirror(P, c, true);
             for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
               const scalar_t* row = Y + i * c;
