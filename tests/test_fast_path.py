@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import threeg_kernels
 from tests.helpers import make_case
 from threeg_kernels import api
+from threeg_kernels._validate import MAX_ITERS
+from threeg_kernels.backends.ext_impl import SPECTRAL_MAX_ITERS_FLOAT32 as SPECTRAL
 
 FAST = api._FAST_POOL
 pytestmark = pytest.mark.skipif(FAST is None, reason="the ext backend is not built")
@@ -84,6 +86,14 @@ def test_same_bits_as_the_python_layer(dtype, dim, order, keep):
             _assert_same(_run(x, w, g, False, needs, **options), _run(x, w, g, True, needs, **options), what)
 
 
+def test_takes_the_last_iters_of_each_route():
+    """The C++ bounds are the Python layer's: MAX_ITERS in float64 and the spectral route's last K in float32 are
+    taken (the first past each is declined below)."""
+    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float64)
+    assert _fast(x, w, iters=MAX_ITERS) is not None
+    assert _fast(x.float(), w.float(), iters=SPECTRAL) is not None
+
+
 def test_without_gradient_and_empty_batch():
     """No gradient to come (no_grad, inference_mode, inputs that need none): the forward alone, as the Python layer
     runs it; B = 0 gives the empty result."""
@@ -144,8 +154,8 @@ def _declined_cases():
     yield "iters a bool", lambda: _fast(x, w, iters=True)
     yield "iters a float", lambda: _fast(x, w, iters=5.0)
     yield "iters 0", lambda: _fast(x, w, iters=0)
-    yield "iters 21", lambda: _fast(x64, w64, iters=21)
-    yield "iters 6 in float32 (the iteration, not the spectral route)", lambda: _fast(x, w, iters=6)
+    yield "iters past MAX_ITERS", lambda: _fast(x64, w64, iters=MAX_ITERS + 1)
+    yield "iters past the spectral route's in float32 (the iteration runs)", lambda: _fast(x, w, iters=SPECTRAL + 1)
     yield "iters a huge int", lambda: _fast(x, w, iters=1 << 70)
     yield "eps an int", lambda: _fast(x, w, eps=0)
     yield "eps negative", lambda: _fast(x, w, eps=-1e-7)
