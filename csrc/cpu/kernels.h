@@ -703,7 +703,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
           if (gram) {
             // Y's lower triangle only (gemm_lower): the upper order reads it mirrored. Row loops over contiguous
             // entries that vectorise; an element-wise read of either triangle with the diagonal's test was a scalar
-            // loop, ~9% of the forward at C = 256, N = 49.
+            // loop: the forward at C = 256, N = 49 took 13-16% less without it.
             if (!lower) mirror(P, c, true);
             for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
               const scalar_t* row = Y + i * c;
