@@ -77,25 +77,31 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, con
 }
 
 // The lower triangle of c = alpha x y^T (m x m; x and y m x k, row-major): for a symmetric product only the
-// blocks on and below the diagonal are computed, one product per block row of kLowerBlock rows (for m = 512:
-// 10 of 16 blocks). Entries above the diagonal are left as they were: read c's lower triangle only, or mirror it.
-constexpr int64_t kLowerBlock = 128;
-
+// blocks on and below the diagonal are computed, one product per block column (x y^T) or block row (x^T y; for
+// m = 512 in rows of 16: 528 of 1024 blocks). Entries above the diagonal are left as they were: read c's lower
+// triangle only, or mirror it. The blocks are the shapes MKL's sgemm ran fastest (one thread, warm caches, an
+// Intel Xeon with AVX-512, 2026-12-07 06:28 UTC), against the whole product and the block rows of 128 used before,
+// in us: x y^T in columns of 16 (32 above m = 128): m x m x k = 64 x 64 x 196 10.4 / 10.6 -> 8.1,
+// 128 x 128 x 196 36.0 / 36.1 -> 25.8, 256 x 256 x 784 612 / 441 -> 360, 512 x 512 x 196 547 / 356 -> 298 (by
+// rows of any height it ran slower than by columns); x^T y in rows of 16: 64 x 64 x 64 3.1 / 3.1 -> 2.2,
+// 128 x 128 x 128 24.6 / 24.6 -> 15.2, 196 x 196 x 256 109 / 91 -> 62, 256 x 256 x 256 174 / 147 -> 105.
 template <typename scalar_t>
 void gemm_lower(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const scalar_t* y, int64_t ld, scalar_t* c,
                 int64_t ldc) {
-  for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
-    const int64_t rows = std::min(kLowerBlock, m - r0);
-    gemm<scalar_t>(false, true, rows, r0 + rows, k, alpha, x + r0 * ld, ld, y, ld, 0, c + r0 * ldc, ldc);
+  const int64_t block = m <= 128 ? 16 : 32;
+  for (int64_t j0 = 0; j0 < m; j0 += block) {  // columns j0 .. of rows j0 ..
+    const int64_t cols = std::min(block, m - j0);
+    gemm<scalar_t>(false, true, m - j0, cols, k, alpha, x + j0 * ld, ld, y + j0 * ld, ld, 0, c + j0 * ldc + j0, ldc);
   }
 }
 
-// The lower triangle of c = alpha x^T y (m x m; x and y k x m, row-major), by the blocks of gemm_lower.
+// The lower triangle of c = alpha x^T y (m x m; x and y k x m, row-major), as gemm_lower.
 template <typename scalar_t>
 void gemm_lower_tn(int64_t m, int64_t k, scalar_t alpha, const scalar_t* x, const scalar_t* y, int64_t ld,
                    scalar_t* c, int64_t ldc) {
-  for (int64_t r0 = 0; r0 < m; r0 += kLowerBlock) {
-    const int64_t rows = std::min(kLowerBlock, m - r0);
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < m; r0 += kBlock) {  // rows r0 .. r0 + 15, columns .. r0 + 15
+    const int64_t rows = std::min(kBlock, m - r0);
     gemm<scalar_t>(true, false, rows, r0 + rows, k, alpha, x + r0, ld, y, ld, 0, c + r0 * ldc, ldc);
   }
 }
@@ -196,6 +202,26 @@ void mirror(scalar_t* m, int64_t c, bool from_lower) {
   }
   for (int64_t i = whole; i < c; ++i) {  // the rows (and columns) past the whole blocks
     for (int64_t j = 0; j < i; ++j) copy(i, j);
+  }
+}
+
+// at = a^T for the c x c row-major a: in square blocks of one vector register a row, each transposed in registers
+// (small_eigh_detail::transpose_block), the entries past the last whole block one at a time.
+template <typename scalar_t>
+void transpose(const scalar_t* a, int64_t c, scalar_t* at) {
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(scalar_t);
+  typedef scalar_t Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
+  const int64_t whole = c / kVector * kVector;
+  for (int64_t i0 = 0; i0 < whole; i0 += kVector) {
+    for (int64_t j0 = 0; j0 < whole; j0 += kVector) {
+      Vec r[kVector];
+      for (int64_t k = 0; k < kVector; ++k) __builtin_memcpy(&r[k], a + (i0 + k) * c + j0, sizeof(Vec));
+      small_eigh_detail::transpose_block<kVector / 2>(r);
+      for (int64_t k = 0; k < kVector; ++k) __builtin_memcpy(at + (j0 + k) * c + i0, &r[k], sizeof(Vec));
+    }
+  }
+  for (int64_t i = 0; i < c; ++i) {  // the rows and columns past the whole blocks
+    for (int64_t j = i < whole ? whole : 0; j < c; ++j) at[j * c + i] = a[i * c + j];
   }
 }
 
@@ -538,14 +564,6 @@ inline void for_triangle_rows(int64_t c, bool lower, F f) {
   }
 }
 
-// Calls f(i, j, flat index) over the vectorised triangle in its order.
-template <typename F>
-inline void for_triangle(int64_t c, bool lower, F f) {
-  for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
-    for (int64_t j = j0; j < j1; ++j) f(i, j, idx + j - j0);
-  });
-}
-
 // Per sample saved state ("iterates") of the route for (C, N): docs/math.md (21).
 inline int64_t slot_size(int64_t c, int64_t n) { return gram_route(c, n) ? n * (n + 1 + c) : c * (c + 1); }
 
@@ -693,26 +711,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
             scalar_t* scaled = work2.data();
             for (int64_t i = 0; i < c; ++i)
               for (int64_t j = 0; j < c; ++j) scaled[i * c + j] = p[i] * V[i * c + j];
-            gemm<scalar_t>(true, false, c, c, c, 1, V, c, scaled, c, 0, P, c);  // Y = V^T p(L) V
+            gemm_lower_tn<scalar_t>(c, c, 1, V, scaled, c, P, c);  // Y = V^T p(L) V: its lower triangle
           }
 
           const scalar_t* Y = P;
           const scalar_t root = static_cast<scalar_t>(std::sqrt(tr_b));
           const scalar_t root_diag = static_cast<scalar_t>(std::sqrt(tr_b) * diag);
           scalar_t* o = out_p + b * triangle_size(c);
-          if (gram) {
-            // Y's lower triangle only (gemm_lower): the upper order reads it mirrored. Row loops over contiguous
-            // entries that vectorise; an element-wise read of either triangle with the diagonal's test was a scalar
-            // loop: the forward at C = 256, N = 49 took 13-16% less without it.
-            if (!lower) mirror(P, c, true);
-            for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
-              const scalar_t* row = Y + i * c;
-              for (int64_t j = j0; j < j1; ++j) o[idx + j - j0] = root * row[j];
-              o[idx + i - j0] += root_diag;
-            });
-          } else {
-            for_triangle(c, lower, [&](int64_t i, int64_t j, int64_t idx) { o[idx] = root * Y[i * c + j]; });
-          }
+          // Y's lower triangle only (gemm_lower, gemm_lower_tn): the upper order reads it mirrored. Row loops over
+          // contiguous entries that vectorise; an element-wise read of either triangle with the diagonal's test was a
+          // scalar loop: the forward at C = 256, N = 49 took 13-16% less without it.
+          if (!lower) mirror(P, c, true);
+          for_triangle_rows(c, lower, [&](int64_t i, int64_t j0, int64_t j1, int64_t idx) {
+            const scalar_t* row = Y + i * c;
+            for (int64_t j = j0; j < j1; ++j) o[idx + j - j0] = root * row[j];
+            if (gram) o[idx + i - j0] += root_diag;
+          });
         }
       }
     });
@@ -756,9 +770,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
       Buffer<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);  // (not zeroed: written before read)
-      // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: GW, R (C x N), H (N x N), gram (N x N)
+      // C x C route: Q, M (C x C), R1, R2 (C x N), V^T (C x C); Gram route: GW, R (C x N), H (N x N), gram (N x N)
       Buffer<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
-      Buffer<scalar_t> work4(gram ? 0 : c * n);
+      Buffer<scalar_t> work4(gram ? 0 : c * n), work7(gram ? 0 : c * c);
       Buffer<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
       std::vector<scalar_t> dxw_row(n);
@@ -850,6 +864,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           scalar_t* M = work2.data();
           scalar_t* R1 = work3.data();
           scalar_t* R2 = work4.data();
+          scalar_t* Vt = work7.data();
           // V Xc: applies dA without forming it, and refines recomputed eigenvalues as the forward did.
           const bool project = via_eigenbasis || !saved;
           if (!saved) eigh[0](A.const_data_ptr<scalar_t>() + b * c * c, std::isfinite(tr_b), own);
@@ -858,8 +873,12 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             rayleigh_eigenvalues<scalar_t>(R2, rows_to_refine(own + c * c, c), n, tr_b, recovered_shift(), own + c * c);
           }
 
+          // U^T dY U = V (dY V^T): the second product's lower triangle as (V^T)^T Q, mirrored (gemm_lower_tn:
+          // faster than the whole product by more than the transpose costs, from C = 64 on)
           gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
-          gemm<scalar_t>(false, false, c, c, c, 1, V, c, Q, c, 0, M, c);  // U^T dY U
+          transpose(V, c, Vt);
+          gemm_lower_tn<scalar_t>(c, c, 1, Vt, Q, c, M, c);
+          mirror(M, c, true);
 
           scalar_t* ys = traj.data();
           scalar_t* zs = ys + iters * c;
@@ -874,7 +893,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             pp = R2;
           } else {
             gemm<scalar_t>(false, false, c, c, c, 1, M, c, V, c, 0, Q, c);
-            gemm<scalar_t>(true, false, c, c, c, 1, V, c, Q, c, 0, dy, c);  // dA
+            gemm_lower_tn<scalar_t>(c, c, 1, V, Q, c, dy, c);  // dA = V^T (M V): its lower triangle, mirrored
+            mirror(dy, c, true);
             gemm<scalar_t>(false, false, c, n, c, 1, dy, c, xcp, n, 0, R1, n);
             pp = R1;
           }
