@@ -369,16 +369,17 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
     }
     if (!any) continue;
     const int64_t i0 = k0 + 1;
+    const int64_t c0 = i0 / kLanes * kLanes;  // Y^T's rows are zero outside i0 .. n - 1: whole vectors from c0 to ld
     for (int j = 1; j < kReflectors; ++j) {  // S[0:j, j] = -tau_j S[0:j, 0:j] (Y[:, 0:j]^T u_j)
       T z[kReflectors];
-      for (int l = 0; l < j; ++l) z[l] = dot(yt + l * ld + i0, yt + j * ld + i0, n - i0);
+      for (int l = 0; l < j; ++l) z[l] = dot(yt + l * ld + c0, yt + j * ld + c0, ld - c0);
       for (int i = 0; i < j; ++i) {
         T sum = 0;
         for (int l = i; l < j; ++l) sum += s[i][l] * z[l];
         s[i][j] = -s[j][j] * sum;
       }
     }
-    for (int64_t c = i0 / kLanes * kLanes; c < ld; c += kVector) {
+    for (int64_t c = c0; c < ld; c += kVector) {
       // (the loops over the block's reflectors unrolled, so that acc and w stay in registers)
       Vec acc[kReflectors];
 #pragma GCC unroll 8
