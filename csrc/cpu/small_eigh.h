@@ -186,6 +186,40 @@ THREEG_INLINE T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
+// sum_{j >= k} x_j y_j of rows padded with zeros to ld (a multiple of the vector width): whole vectors from the
+// aligned column at or left of k, the first one's lanes left of k masked off, so that no loop has a remainder of
+// data-dependent length (two such loops a step cost the tridiagonalisation a mispredicted branch each).
+template <typename T>
+THREEG_INLINE T dot_from(const T* __restrict x, const T* __restrict y, int64_t k, int64_t ld) {
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
+  typedef decltype(Vec{} < Vec{}) Mask;
+  const int64_t a0 = k / kVector * kVector;
+  Vec x0, y0, lane;
+  __builtin_memcpy(&x0, x + a0, sizeof(Vec));
+  __builtin_memcpy(&y0, y + a0, sizeof(Vec));
+  for (int64_t l = 0; l < kVector; ++l) lane[l] = static_cast<T>(l);
+  const Mask keep = lane >= static_cast<T>(k - a0);
+  Vec s0 = keep ? x0 * y0 : Vec{}, s1 = {};
+  int64_t j = a0 + kVector;
+  for (; j + 2 * kVector <= ld; j += 2 * kVector) {
+    Vec x1, y1, x2, y2;
+    __builtin_memcpy(&x1, x + j, sizeof(Vec));
+    __builtin_memcpy(&y1, y + j, sizeof(Vec));
+    __builtin_memcpy(&x2, x + j + kVector, sizeof(Vec));
+    __builtin_memcpy(&y2, y + j + kVector, sizeof(Vec));
+    s0 += x1 * y1;
+    s1 += x2 * y2;
+  }
+  if (j < ld) {
+    Vec x1, y1;
+    __builtin_memcpy(&x1, x + j, sizeof(Vec));
+    __builtin_memcpy(&y1, y + j, sizeof(Vec));
+    s0 += x1 * y1;
+  }
+  return sum_lanes<kVector / 2>(s0 + s1);
+}
+
 // S <- S - ui w^T - wi u^T on one row (step k's rank-2 update of the trailing block, row by row).
 template <typename T>
 THREEG_INLINE void update_row(T* __restrict row, const T* __restrict u, const T* __restrict w, T ui, T wi,
@@ -254,7 +288,7 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
     if (pending) update_row(x, u, w, u[k], w[k], k / kLanes * kLanes, ld);
     d[k] = x[k];
     const T alpha = x[k + 1];
-    const T sigma = dot(x + k + 2, x + k + 2, n - k - 2);
+    const T sigma = dot_from(x, x, k + 2, ld);
     if (sigma == T(0)) {  // already tridiagonal in this column: no reflection; the trailing rows catch up
       tau[k] = 0;
       e[k] = alpha;
@@ -293,8 +327,8 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
       sum_rows(a + (k + 1) * ld + j0, ld, x + k + 1, t, n - k - 1, ld - j0, p + j0);
     }
     u[k] = 0;
-    std::copy(x + k + 1, x + n, u + k + 1);
-    const T half = T(0.5) * t * dot(p + k + 1, u + k + 1, n - k - 1);
+    std::copy(x + k + 1, x + n, u + k + 1);  // (u is zero left of k + 1 and past n, as dot_from needs)
+    const T half = T(0.5) * t * dot_from(p, u, k + 1, ld);
     for (int64_t j = k + 1; j < n; ++j) w[j] = p[j] - half * u[j];
     for (int64_t j = j0; j <= k; ++j) w[j] = 0;
     pending = true;
