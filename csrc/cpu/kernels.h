@@ -757,6 +757,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
   // C x C route: apply dA to Xc without forming dA while that is cheaper (N <= C: 3 C^2 N flops against
   // 2 C^3 + C^2 N).
   const bool via_eigenbasis = n <= c;
+  const bool lower_halves = c >= 128;  // the symmetric C x C products of the C x C route by halves (below)
 
   const EighChoice choice = eigh_choice();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cov_pool_ext_backward", [&] {
@@ -772,7 +773,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
       Buffer<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);  // (not zeroed: written before read)
       // C x C route: Q, M (C x C), R1, R2 (C x N), V^T (C x C); Gram route: GW, R (C x N), H (N x N), gram (N x N)
       Buffer<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
-      Buffer<scalar_t> work4(gram ? 0 : c * n), work7(gram ? 0 : c * c);
+      Buffer<scalar_t> work4(gram ? 0 : c * n), work7(gram || !lower_halves ? 0 : c * c);
       Buffer<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
       std::vector<scalar_t> dxw_row(n);
@@ -873,12 +874,17 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             rayleigh_eigenvalues<scalar_t>(R2, rows_to_refine(own + c * c, c), n, tr_b, recovered_shift(), own + c * c);
           }
 
-          // U^T dY U = V (dY V^T): the second product's lower triangle as (V^T)^T Q, mirrored (gemm_lower_tn:
-          // faster than the whole product by more than the transpose costs, from C = 64 on)
+          // U^T dY U = V (dY V^T). From C = 128 on the second product's lower triangle only, as (V^T)^T Q, mirrored
+          // (gemm_lower_tn: faster than the whole product by more than the transpose costs); at C = 64 its four
+          // calls of MKL cost the backward more than the half product saves.
           gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
-          transpose(V, c, Vt);
-          gemm_lower_tn<scalar_t>(c, c, 1, Vt, Q, c, M, c);
-          mirror(M, c, true);
+          if (lower_halves) {
+            transpose(V, c, Vt);
+            gemm_lower_tn<scalar_t>(c, c, 1, Vt, Q, c, M, c);
+            mirror(M, c, true);
+          } else {
+            gemm<scalar_t>(false, false, c, c, c, 1, V, c, Q, c, 0, M, c);
+          }
 
           scalar_t* ys = traj.data();
           scalar_t* zs = ys + iters * c;
@@ -893,8 +899,12 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             pp = R2;
           } else {
             gemm<scalar_t>(false, false, c, c, c, 1, M, c, V, c, 0, Q, c);
-            gemm_lower_tn<scalar_t>(c, c, 1, V, Q, c, dy, c);  // dA = V^T (M V): its lower triangle, mirrored
-            mirror(dy, c, true);
+            if (lower_halves) {  // dA = V^T (M V): its lower triangle, mirrored
+              gemm_lower_tn<scalar_t>(c, c, 1, V, Q, c, dy, c);
+              mirror(dy, c, true);
+            } else {
+              gemm<scalar_t>(true, false, c, c, c, 1, V, c, Q, c, 0, dy, c);
+            }
             gemm<scalar_t>(false, false, c, n, c, 1, dy, c, xcp, n, 0, R1, n);
             pp = R1;
           }
