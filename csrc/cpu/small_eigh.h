@@ -193,31 +193,13 @@ template <typename T>
 THREEG_INLINE T dot_from(const T* __restrict x, const T* __restrict y, int64_t k, int64_t ld) {
   constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
-  typedef decltype(Vec{} < Vec{}) Mask;
   const int64_t a0 = k / kVector * kVector;
   Vec x0, y0, lane;
   __builtin_memcpy(&x0, x + a0, sizeof(Vec));
   __builtin_memcpy(&y0, y + a0, sizeof(Vec));
   for (int64_t l = 0; l < kVector; ++l) lane[l] = static_cast<T>(l);
-  const Mask keep = lane >= static_cast<T>(k - a0);
-  Vec s0 = keep ? x0 * y0 : Vec{}, s1 = {};
-  int64_t j = a0 + kVector;
-  for (; j + 2 * kVector <= ld; j += 2 * kVector) {
-    Vec x1, y1, x2, y2;
-    __builtin_memcpy(&x1, x + j, sizeof(Vec));
-    __builtin_memcpy(&y1, y + j, sizeof(Vec));
-    __builtin_memcpy(&x2, x + j + kVector, sizeof(Vec));
-    __builtin_memcpy(&y2, y + j + kVector, sizeof(Vec));
-    s0 += x1 * y1;
-    s1 += x2 * y2;
-  }
-  if (j < ld) {
-    Vec x1, y1;
-    __builtin_memcpy(&x1, x + j, sizeof(Vec));
-    __builtin_memcpy(&y1, y + j, sizeof(Vec));
-    s0 += x1 * y1;
-  }
-  return sum_lanes<kVector / 2>(s0 + s1);
+  const Vec first = lane >= static_cast<T>(k - a0) ? x0 * y0 : Vec{};
+  return sum_lanes<kVector / 2>(first) + dot(x + a0 + kVector, y + a0 + kVector, ld - a0 - kVector);
 }
 
 // S <- S - ui w^T - wi u^T on one row (step k's rank-2 update of the trailing block, row by row).
