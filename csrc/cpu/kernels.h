@@ -77,9 +77,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, con
 }
 
 // The lower triangle of c = alpha x y^T (m x m; x and y m x k, row-major): for a symmetric product only the
-// blocks on and below the diagonal are computed, one product per block column (x y^T) or block row (x^T y; for
-// m = 512 in rows of 16: 528 of 1024 blocks). Entries above the diagonal are left as they were: read c's lower
-// triangle only, or mirror it. The blocks are the shapes MKL's sgemm ran fastest (one thread, warm caches, an
+// blocks on and below the diagonal are computed, one product per block column (x y^T; for m = 512 in columns of
+// 32: 136 of 256 blocks) or block row (x^T y; in rows of 16: 528 of 1024). Entries above the diagonal may hold
+// anything (the diagonal blocks' upper parts are written, the rest left as they were): read c's lower triangle
+// only, or mirror it. The blocks are the shapes MKL's sgemm ran fastest (one thread, warm caches, an
 // Intel Xeon with AVX-512, 2026-12-07 06:28 UTC), against the whole product and the block rows of 128 used before,
 // in us: x y^T in columns of 16 (32 above m = 128): m x m x k = 64 x 64 x 196 10.4 / 10.6 -> 8.1,
 // 128 x 128 x 196 36.0 / 36.1 -> 25.8, 256 x 256 x 784 612 / 441 -> 360, 512 x 512 x 196 547 / 356 -> 298 (by

@@ -309,7 +309,7 @@ THREEG_INLINE void tridiagonalise(T* a, int64_t n, int64_t ld, T* d, T* e, T* ta
       sum_rows(a + (k + 1) * ld + j0, ld, x + k + 1, t, n - k - 1, ld - j0, p + j0);
     }
     u[k] = 0;
-    std::copy(x + k + 1, x + n, u + k + 1);  // (u is zero left of k + 1 and past n, as dot_from needs)
+    std::copy(x + k + 1, x + n, u + k + 1);  // (u is zero past n, as dot_from needs; it masks what is left of k + 1)
     const T half = T(0.5) * t * dot_from(p, u, k + 1, ld);
     for (int64_t j = k + 1; j < n; ++j) w[j] = p[j] - half * u[j];
     for (int64_t j = j0; j <= k; ++j) w[j] = 0;
