@@ -179,7 +179,7 @@ def test_cpu_variants_are_reported(monkeypatch):
 def _variant_case(case, dtype):
     """(B, C, N) of a test case for the variant THREEG_EXT_ISA picks, on either side of its eigensolver crossover
     (`_C.small_eigh_max()`): the own solver (n <= the crossover) or syevd (n above it, and above 128 so that the
-    products formed by block rows below the diagonal take two blocks), on the C x C route (n = C) or the Gram route
+    C x C backward forms its symmetric products by halves), on the C x C route (n = C) or the Gram route
     (n = N)."""
     limit = _small_eigh_max()[str(dtype).removeprefix("torch.")]
     big = max(limit, 128) + 8

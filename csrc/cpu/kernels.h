@@ -206,26 +206,6 @@ void mirror(scalar_t* m, int64_t c, bool from_lower) {
   }
 }
 
-// at = a^T for the c x c row-major a: in square blocks of one vector register a row, each transposed in registers
-// (small_eigh_detail::transpose_block), the entries past the last whole block one at a time.
-template <typename scalar_t>
-void transpose(const scalar_t* a, int64_t c, scalar_t* at) {
-  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(scalar_t);
-  typedef scalar_t Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
-  const int64_t whole = c / kVector * kVector;
-  for (int64_t i0 = 0; i0 < whole; i0 += kVector) {
-    for (int64_t j0 = 0; j0 < whole; j0 += kVector) {
-      Vec r[kVector];
-      for (int64_t k = 0; k < kVector; ++k) __builtin_memcpy(&r[k], a + (i0 + k) * c + j0, sizeof(Vec));
-      small_eigh_detail::transpose_block<kVector / 2>(r);
-      for (int64_t k = 0; k < kVector; ++k) __builtin_memcpy(at + (j0 + k) * c + i0, &r[k], sizeof(Vec));
-    }
-  }
-  for (int64_t i = 0; i < c; ++i) {  // the rows and columns past the whole blocks
-    for (int64_t j = i < whole ? whole : 0; j < c; ++j) at[j * c + i] = a[i * c + j];
-  }
-}
-
 // Xc = X_w - mu 1^T of sample b into xc (C x N, contiguous); x and weight may be strided.
 template <typename scalar_t>
 void centre(const Tensor& x, const scalar_t* w, int64_t w_stride, int64_t b, scalar_t* xc) {
@@ -772,9 +752,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
     at::parallel_for(0, threads_for(b_n), 1, [&](int64_t, int64_t) {
       SequentialBlas sequential_blas;
       Buffer<scalar_t> xc(c * n), dY(c * c), own_slot(saved ? 0 : slot_n);  // (not zeroed: written before read)
-      // C x C route: Q, M (C x C), R1, R2 (C x N), V^T (C x C); Gram route: GW, R (C x N), H (N x N), gram (N x N)
+      // C x C route: Q, M (C x C), R1, R2 (C x N); Gram route: GW, R (C x N), H (N x N), gram (N x N)
       Buffer<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
-      Buffer<scalar_t> work4(gram ? 0 : c * n), work7(gram || !lower_halves ? 0 : c * c);
+      Buffer<scalar_t> work4(gram ? 0 : c * n);
       Buffer<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
       std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
       std::vector<scalar_t> dxw_row(n);
@@ -866,7 +846,6 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
           scalar_t* M = work2.data();
           scalar_t* R1 = work3.data();
           scalar_t* R2 = work4.data();
-          scalar_t* Vt = work7.data();
           // V Xc: applies dA without forming it, and refines recomputed eigenvalues as the forward did.
           const bool project = via_eigenbasis || !saved;
           if (!saved) eigh[0](A.const_data_ptr<scalar_t>() + b * c * c, std::isfinite(tr_b), own);
@@ -875,15 +854,15 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
             rayleigh_eigenvalues<scalar_t>(R2, rows_to_refine(own + c * c, c), n, tr_b, recovered_shift(), own + c * c);
           }
 
-          // U^T dY U = V (dY V^T). From C = 128 on the second product's lower triangle only, as (V^T)^T Q, mirrored
-          // (gemm_lower_tn: faster than the whole product by more than the transpose costs); at C = 64 its four
-          // calls of MKL cost the backward more than the half product saves.
-          gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
+          // U^T dY U = V dY V^T. From C = 128 on as V (V dY)^T (dY is symmetric), the second product's lower
+          // triangle only (gemm_lower), mirrored; at C = 64 the half product's four calls of MKL cost the backward
+          // more than they save.
           if (lower_halves) {
-            transpose(V, c, Vt);
-            gemm_lower_tn<scalar_t>(c, c, 1, Vt, Q, c, M, c);
+            gemm<scalar_t>(false, false, c, c, c, 1, V, c, dy, c, 0, Q, c);
+            gemm_lower<scalar_t>(c, c, 1, V, Q, c, M, c);
             mirror(M, c, true);
           } else {
+            gemm<scalar_t>(false, true, c, c, c, 1, dy, c, V, c, 0, Q, c);
             gemm<scalar_t>(false, false, c, c, c, 1, V, c, Q, c, 0, M, c);
           }
 
