@@ -188,9 +188,9 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // cov_pool(x, weight, iters=, eps=, order=, backend=, precision=, keep_iterates=) (threeg_kernels/api.py) for the
-// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' by name (what 'auto' resolves to is the
-// Python layer's to decide at each call: THREEG_BACKEND, the autoselect tables), options of the exact types and in
-// range, no transform, mode or autocast region active. It takes the same steps as the Python layer (the checks,
+// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' by name (cov_pool passes 'auto' as 'ext'
+// where it resolves to that: THREEG_BACKEND, dispatch.AUTO_ORDER and the autoselect tables are the Python layer's
+// to read at each call), options of the exact types and in range, no transform, mode or autocast region active. It takes the same steps as the Python layer (the checks,
 // the views of x as (B, C, N) and of weight as (B, N), keep_iterates' default, the C++ node or, without a gradient
 // to come, the forward op below autograd), so the result is the same; every other case returns None and the Python
 // layer runs as it does for any call (its checks raise the errors): this function only accepts, it never raises

@@ -149,7 +149,7 @@ def _declined_cases():
     yield "backend torch", lambda: _fast(x, w, backend="torch")
     yield "backend reference", lambda: _fast(x, w, backend="reference")
     yield "backend unknown", lambda: _fast(x, w, backend="fast")
-    yield "backend auto (the Python layer resolves it at each call)", lambda: _fast(x, w, backend="auto")
+    yield "backend auto by name (cov_pool passes what it resolves to)", lambda: _fast(x, w, backend="auto")
     yield "precision tf32", lambda: _fast(x, w, precision="tf32")
     yield "iters a bool", lambda: _fast(x, w, iters=True)
     yield "iters a float", lambda: _fast(x, w, iters=5.0)
@@ -226,3 +226,54 @@ def test_errors_still_come_from_the_python_layer():
         threeg_kernels.cov_pool(x, w[:, :5], backend="ext")
     with pytest.raises(ValueError, match="eps must be finite"):
         threeg_kernels.cov_pool(x, w, eps=float("inf"), backend="ext")
+
+
+def _recording(calls):
+    """api._FAST_POOL wrapped so that each call appends (backend it was given, whether it took the call)."""
+    inner = api._FAST_POOL
+
+    def fast_pool(*args):
+        out = inner(*args)
+        calls.append((args[5], out is not None))
+        return out
+
+    return fast_pool
+
+
+@pytest.mark.parametrize("forced", [None, "", "ext"])
+def test_auto_on_cpu_takes_the_one_call_path(monkeypatch, forced):
+    """backend='auto' on CPU tensors is 'ext' (THREEG_BACKEND unset, empty or 'ext'): cov_pool hands it to the
+    one-call path as 'ext', which takes it, with the Python layer's output, gradients and saved tensors."""
+    assert api._auto_cpu_is_ext(), "'auto' on CPU resolves to 'ext' where the extension is built"
+    if forced is None:
+        monkeypatch.delenv("THREEG_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("THREEG_BACKEND", forced)
+    x, w, g = make_case(2, 6, 12, weighted=True, dtype=torch.float32, seed=7)
+    calls = []
+    monkeypatch.setattr(api, "_FAST_POOL", _recording(calls))
+    fast = _run(x, w, g, False, backend="auto")
+    assert calls == [("ext", True)]
+    slow = _run(x, w, g, True, backend="auto")
+    _assert_same(fast, slow, forced)
+    assert fast[0][0].grad_fn.name() == "torch::autograd::CppNode<threeg::CovPoolExt>"
+
+
+@pytest.mark.parametrize("forced", ["torch", "reference"])
+def test_auto_follows_threeg_backend(monkeypatch, forced):
+    """THREEG_BACKEND naming another backend: 'auto' reaches the Python layer, which runs that backend (the one-call
+    path sees 'auto' and declines), read at each call."""
+    x, w, g = make_case(2, 6, 12, weighted=True, dtype=torch.float64, seed=8)
+    calls = []
+    monkeypatch.setattr(api, "_FAST_POOL", _recording(calls))
+    monkeypatch.setenv("THREEG_BACKEND", forced)
+    got, _ = _run(x, w, g, False, backend="auto")
+    assert calls == [("auto", False)]
+    assert "CovPoolExt" not in got[0].grad_fn.name()
+    want, _ = _run(x, w, g, True, backend=forced)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    monkeypatch.delenv("THREEG_BACKEND")
+    calls.clear()
+    _run(x, w, g, False, backend="auto")
+    assert calls == [("ext", True)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.autograd import forward_ad
 
-from . import dispatch
+from . import autoselect, dispatch
 from ._precision import no_autocast
 from ._validate import (
     canonicalise,
@@ -84,8 +85,13 @@ def cov_pool(
     """
     if _FAST_POOL is not None and not torch.compiler.is_compiling():
         # backend='ext''s common eager case on CPU (plain float32/float64 tensors, valid options, no transform, mode
-        # or autocast) in one C++ call that takes the steps below; None for anything else.
-        out = _FAST_POOL(x, weight, iters, eps, order, backend, precision, keep_iterates)
+        # or autocast) in one C++ call that takes the steps below; None for anything else. 'auto' is 'ext' there
+        # unless THREEG_BACKEND names another backend (read at each call, as dispatch.resolve does; fast_pool declines
+        # every tensor not on the CPU, whose 'auto' the steps below decide).
+        fast = backend
+        if backend == "auto" and _auto_cpu_is_ext() and os.environ.get("THREEG_BACKEND", "") in ("", "ext"):
+            fast = "ext"
+        out = _FAST_POOL(x, weight, iters, eps, order, fast, precision, keep_iterates)
         if out is not None:
             return out
     x3, w2 = canonicalise(x, weight)
@@ -120,7 +126,7 @@ def _fast_entry():
     """threeg_kernels._C.fast_pool where the ext backend runs on CPU, else None. fast_pool (csrc/autograd.cpp) runs
     cov_pool(backend='ext')'s common eager CPU case in one call: after a call's kernels have filled the core's
     caches, the Python frames and checks below cost ~8-10% of a call at C = 64, N = 196 (docs/ext.md, "Per-call
-    cost"). 'auto' stays with the Python layer, which decides it at each call (THREEG_BACKEND, autoselect)."""
+    cost"). cov_pool passes it 'auto' as 'ext' where that is what 'auto' resolves to (_auto_cpu_is_ext)."""
     if dispatch.unavailable_reason("ext", torch.device("cpu")) is not None:
         return None
     from . import _C
@@ -129,6 +135,13 @@ def _fast_entry():
 
 
 _FAST_POOL = _fast_entry()
+
+
+def _auto_cpu_is_ext() -> bool:
+    """Whether backend='auto' on a CPU tensor runs 'ext' when THREEG_BACKEND is unset (called where _FAST_POOL exists,
+    so 'ext' is present): 'ext' heads dispatch.AUTO_ORDER['cpu'] and autoselect has no CPU row to measure per shape.
+    Read at each call, as dispatch.resolve reads them (tests give autoselect a CPU row)."""
+    return dispatch.AUTO_ORDER.get("cpu", ())[:1] == ("ext",) and "cpu" not in autoselect.CANDIDATES
 
 
 def _transformed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
