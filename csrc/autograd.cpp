@@ -8,8 +8,8 @@
 //   threeg_kernels._C.pool(x, weight, iters, eps, order, keep_iterates, precision) -> out
 //       out of threeg::cov_pool_ext_forward, differentiable in x and weight;
 //   threeg_kernels._C.fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None
-//       cov_pool(backend='ext')'s common eager case on CPU in one call (fast_pool below), None where the Python
-//       layer decides;
+//       cov_pool(backend='ext')'s common eager case on CPU in one call (fast_pool below; cov_pool passes 'auto'
+//       as 'ext' where it runs ext), None where the Python layer decides;
 //   threeg_kernels._C.set_reference_gradient(fn)
 //       fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None): the gradient as a differentiable
 //       function, taken where the backward itself is differentiated (create_graph=True); the Python layer registers
@@ -187,16 +187,15 @@ PyObject* pool_autograd(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// cov_pool(x, weight, iters=, eps=, order=, backend=, precision=, keep_iterates=) (threeg_kernels/api.py) for the
-// case most calls are: plain float32 / float64 CPU tensors, backend 'ext' by name (cov_pool passes 'auto' as 'ext'
-// where it resolves to that: THREEG_BACKEND, dispatch.AUTO_ORDER and the autoselect tables are the Python layer's
-// to read at each call), options of the exact types and in range, no transform, mode or autocast region active. It takes the same steps as the Python layer (the checks,
-// the views of x as (B, C, N) and of weight as (B, N), keep_iterates' default, the C++ node or, without a gradient
-// to come, the forward op below autograd), so the result is the same; every other case returns None and the Python
-// layer runs as it does for any call (its checks raise the errors): this function only accepts, it never raises
-// for a user's mistake.
-// After a call's kernels have filled the core's caches, the Python layer's frames and checks cost ~8-10% of a
-// call at C = 64, N = 196 (docs/ext.md, "Per-call cost").
+// cov_pool(x, weight, iters=, eps=, order=, backend=, precision=, keep_iterates=) (threeg_kernels/api.py) for the case
+// most calls are: plain float32 / float64 CPU tensors, backend 'ext' by name (cov_pool passes 'auto' as 'ext' where it
+// resolves to that: THREEG_BACKEND, dispatch.AUTO_ORDER and the autoselect tables are the Python layer's to read at
+// each call), options of the exact types and in range, no transform, mode or autocast region active. It takes the same
+// steps as the Python layer (the checks, the views of x as (B, C, N) and of weight as (B, N), keep_iterates' default,
+// the C++ node or, without a gradient to come, the forward op below autograd), so the result is the same; every other
+// case returns None and the Python layer runs as it does for any call (its checks raise the errors): this function only
+// accepts, it never raises for a user's mistake. After a call's kernels have filled the core's caches, the Python
+// layer's frames and checks cost ~8-10% of a call at C = 64, N = 196 (docs/ext.md, "Per-call cost").
 namespace {
 
 // The Python object is a torch.Tensor or an nn.Parameter (THPVariable_CheckExact; the Python layer's _plain), no

@@ -86,8 +86,8 @@ PyMethodDef methods[] = {
      "differentiable in x and weight by the op's formula in a C++ autograd node (csrc/autograd.cpp)."},
     {"fast_pool", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(threeg::fast_pool)), METH_FASTCALL,
      "fast_pool(x, weight, iters, eps, order, backend, precision, keep_iterates) -> out or None: "
-     "cov_pool(backend='ext')'s common eager CPU case in one call (csrc/autograd.cpp); None where the Python layer "
-     "decides."},
+     "cov_pool(backend='ext')'s common eager CPU case in one call (csrc/autograd.cpp; cov_pool passes 'auto' as "
+     "'ext' where it runs ext); None where the Python layer decides."},
     {"set_reference_gradient", threeg::set_reference_gradient, METH_O,
      "set_reference_gradient(fn): fn(x, weight, grad_out, iters, eps, order) -> (dx or None, dweight or None), "
      "what pool's backward returns where the gradient is itself differentiated (create_graph=True)."},

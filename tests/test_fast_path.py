@@ -277,3 +277,32 @@ def test_auto_follows_threeg_backend(monkeypatch, forced):
     calls.clear()
     _run(x, w, g, False, backend="auto")
     assert calls == [("ext", True)]
+
+
+def test_auto_follows_the_cpu_order(monkeypatch):
+    """'ext' not first in dispatch.AUTO_ORDER['cpu']: 'auto' is the Python layer's, which runs the first there."""
+    x, w, g = make_case(2, 6, 12, weighted=True, dtype=torch.float64, seed=9)
+    calls = []
+    monkeypatch.setattr(api, "_FAST_POOL", _recording(calls))
+    monkeypatch.delenv("THREEG_BACKEND", raising=False)
+    monkeypatch.setitem(threeg_kernels.dispatch.AUTO_ORDER, "cpu", ("torch", "ext", "reference"))
+    got, _ = _run(x, w, g, False, backend="auto")
+    assert calls == [("auto", False)]
+    want, _ = _run(x, w, g, True, backend="torch")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+class _EqualsAuto:
+    """Not a str, but == 'auto'."""
+
+    def __eq__(self, other):
+        return other == "auto"
+
+    __hash__ = None
+
+
+def test_a_backend_that_only_equals_auto_is_still_refused():
+    x, w, _ = make_case(2, 4, 6, weighted=True, dtype=torch.float32)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        threeg_kernels.cov_pool(x, w, backend=_EqualsAuto())

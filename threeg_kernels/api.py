@@ -87,10 +87,11 @@ def cov_pool(
         # backend='ext''s common eager case on CPU (plain float32/float64 tensors, valid options, no transform, mode
         # or autocast) in one C++ call that takes the steps below; None for anything else. 'auto' is 'ext' there
         # unless THREEG_BACKEND names another backend (read at each call, as dispatch.resolve does; fast_pool declines
-        # every tensor not on the CPU, whose 'auto' the steps below decide).
+        # every tensor not on the CPU, whose 'auto' the steps below decide; a backend that is not a str is left to
+        # their checks, as fast_pool leaves it).
         fast = backend
-        if backend == "auto" and _auto_cpu_is_ext() and os.environ.get("THREEG_BACKEND", "") in ("", "ext"):
-            fast = "ext"
+        if type(backend) is str and backend == "auto" and _auto_cpu_is_ext():
+            fast = "ext" if os.environ.get("THREEG_BACKEND", "") in ("", "ext") else backend
         out = _FAST_POOL(x, weight, iters, eps, order, fast, precision, keep_iterates)
         if out is not None:
             return out

@@ -356,13 +356,13 @@ THREEG_INLINE void transpose_block(Vec* r) {
 }
 
 // Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3},
-// accumulated from the last in blocks of kReflectors, Q <- H_k0 ... H_k1 Q = (I - Y S Y^T) Q on rows k0 + 1 ..
-// (Y's columns the block's u, S upper triangular: LAPACK's larft, forward), then transposed. Column block by column
-// block of one vector register each (two at a time with AVX-512: apply_block_reflector), Y^T Q is summed in registers over the rows, S applied there, and the rows
-// updated in a second pass while the column block is still in the L1 cache: kReflectors products per element
-// loaded, where one reflector at a time makes two passes per reflector, each with one product per element (3 to 5
-// times slower at n = 64 to 128). Columns left of k0 + 1 of those rows are zero, so the aligned start adds zeros.
-// q: n x ld scratch; yt: kReflectors x ld scratch (the block's Y^T).
+// accumulated from the last in blocks of kReflectors, Q <- H_k0 ... H_k1 Q = (I - Y S Y^T) Q on rows k0 + 1 .. (Y's
+// columns the block's u, S upper triangular: LAPACK's larft, forward), then transposed. Column block by column block of
+// one vector register each (two at a time with AVX-512: apply_block_reflector), Y^T Q is summed in registers over the
+// rows, S applied there, and the rows updated in a second pass while the column block is still in the L1 cache:
+// kReflectors products per element loaded, where one reflector at a time makes two passes per reflector, each with one
+// product per element (3 to 5 times slower at n = 64 to 128). Columns left of k0 + 1 of those rows are zero, so the
+// aligned start adds zeros. q: n x ld scratch; yt: kReflectors x ld scratch (the block's Y^T).
 constexpr int kReflectors = 8;  // 8 sums and their operands fit the 16 vector registers of AVX2 / SSE2
 
 // Q <- (I - Y S Y^T) Q on rows i0 .. n - 1 of the W column blocks from c (one vector register wide each): Y^T Q
