@@ -10,6 +10,8 @@ What only one backend has is tested in tests/test_ext.py and tests/test_triton.p
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -207,6 +209,29 @@ def test_compile_fullgraph_matches_eager(backend, device):
     for a, b in zip(*eager_and_compiled(fn, compiled, x, w)):
         # The same kernels run either way; measured <= 5.6e-8 (out), 0 (grads).
         assert rel_err(a, b) <= RTOL[torch.float32]
+
+
+_FRESH_COMPILE = """
+import torch, threeg_kernels
+pool = threeg_kernels.CovPool()
+x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+out = torch.compile(pool, backend="aot_eager")(x)
+(dx,) = torch.autograd.grad(out.sum(), x)
+want = threeg_kernels.cov_pool(x, backend="reference")
+(want_dx,) = torch.autograd.grad(want.sum(), x)
+print(float((out - want).abs().max() / want.abs().max()), float((dx - want_dx).abs().max() / want_dx.abs().max()))
+"""
+
+
+@pytest.mark.slow
+def test_compile_as_the_first_call_of_a_process():
+    """torch.compile of CovPool before any eager call (a fresh process; aot_eager: no C compiler needed): the
+    Python layer must not fill a module-level cache while traced (the guards dynamo installs on it then fail on the
+    frame that made them), which an eager call made earlier in the same process would hide."""
+    run = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out_err, dx_err = (float(v) for v in run.stdout.split())
+    assert out_err <= RTOL[torch.float64] and dx_err <= RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("backend, device", backends_and_devices())

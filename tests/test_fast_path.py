@@ -240,9 +240,9 @@ def _recording(calls):
     return fast_pool
 
 
-@pytest.mark.parametrize("forced", [None, "", "ext"])
+@pytest.mark.parametrize("forced", [None, "", "auto", "ext"])
 def test_auto_on_cpu_takes_the_one_call_path(monkeypatch, forced):
-    """backend='auto' on CPU tensors is 'ext' (THREEG_BACKEND unset, empty or 'ext'): cov_pool hands it to the
+    """backend='auto' on CPU tensors is 'ext' (THREEG_BACKEND unset, empty, 'auto' or 'ext'): cov_pool hands it to the
     one-call path as 'ext', which takes it, with the Python layer's output, gradients and saved tensors."""
     assert api._auto_cpu_is_ext(), "'auto' on CPU resolves to 'ext' where the extension is built"
     if forced is None:

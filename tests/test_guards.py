@@ -61,6 +61,15 @@ def test_invalid_threeg_backend_names_the_variable(monkeypatch):
         threeg_kernels.cov_pool(torch.randn(2, 4, 5))
 
 
+def test_threeg_backend_auto_leaves_auto_to_decide(monkeypatch):
+    """THREEG_BACKEND=auto is 'auto' itself (as unset or empty), on the Python layer's path too (float16 input)."""
+    x = torch.randn(2, 4, 5).half()
+    monkeypatch.delenv("THREEG_BACKEND", raising=False)
+    want = threeg_kernels.cov_pool(x)
+    monkeypatch.setenv("THREEG_BACKEND", "auto")
+    assert torch.equal(threeg_kernels.cov_pool(x), want)
+
+
 class _RecordPoolOps(TorchDispatchMode):
     """Records the keep_iterates argument of every threeg::*_forward op call."""
 

@@ -73,7 +73,11 @@ def no_autocast(device_type: str):
     context, which torch.compile records."""
     available = _AUTOCAST_AVAILABLE.get(device_type)
     if available is None:
-        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+        available = torch.amp.is_autocast_available(device_type)
+        if not torch.compiler.is_compiling():
+            # (not while torch.compile traces: a global that changes under the trace fails the guards it installs,
+            # "Guard failed on the same frame it was created")
+            _AUTOCAST_AVAILABLE[device_type] = available
     if not available:
         return _NULL_CONTEXT
     if torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
@@ -81,7 +85,8 @@ def no_autocast(device_type: str):
     return _NULL_CONTEXT
 
 
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type: fixed for the process
+# per device type: fixed for the process; the common ones filled here, so that traced code finds them
+_AUTOCAST_AVAILABLE: dict[str, bool] = {d: torch.amp.is_autocast_available(d) for d in ("cpu", "cuda")}
 _NULL_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 

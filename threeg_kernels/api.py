@@ -91,7 +91,7 @@ def cov_pool(
         # their checks, as fast_pool leaves it).
         fast = backend
         if type(backend) is str and backend == "auto" and _auto_cpu_is_ext():
-            fast = "ext" if os.environ.get("THREEG_BACKEND", "") in ("", "ext") else backend
+            fast = "ext" if os.environ.get("THREEG_BACKEND", "") in ("", "auto", "ext") else backend
         out = _FAST_POOL(x, weight, iters, eps, order, fast, precision, keep_iterates)
         if out is not None:
             return out

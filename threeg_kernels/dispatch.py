@@ -99,7 +99,7 @@ def resolve(backend: str, device: torch.device) -> Loaded:
     check_backend(backend)
     if backend == "auto":
         forced = os.environ.get("THREEG_BACKEND")
-        if forced:
+        if forced and forced != "auto":  # (unset, empty or 'auto': 'auto' itself)
             check_backend(forced, arg="the environment variable THREEG_BACKEND")
             backend = forced
         else:
