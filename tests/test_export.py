@@ -105,6 +105,23 @@ def test_onnx_translation_is_the_math(backend, order, weighted):
     assert rel_err(run_onnx(program, *inputs3), Pool()(*inputs3)) <= RTOL[torch.float64]
 
 
+@pytest.mark.parametrize("backend", CPU_OP_BACKENDS)
+@pytest.mark.parametrize("c, n", [(16, 9), (8, 10)])  # N <= 15/16 C (the ext CPU kernels' Gram route), and not
+def test_onnx_model_passes_the_full_check(backend, c, n):
+    """Every output's recorded shape agrees with the one ONNX infers (onnx.checker's full check): the translation
+    returns A as the op declares it, empty where the op forms none (the Gram route)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from threeg_kernels.export import export_onnx
+
+    model = threeg_kernels.CovPool(backend=backend).eval()
+    x = torch.randn(2, c, n)
+    program = export_onnx(model, (x,))
+    onnx.checker.check_model(program.model_proto, full_check=True)
+    with torch.no_grad():
+        assert rel_err(run_onnx(program, x), model(x)) <= ONNX_RTOL
+
+
 def test_onnx_head():
     pytest.importorskip("onnxscript")
     from threeg_kernels.export import export_onnx

@@ -91,6 +91,10 @@ def check_schema(op, schema: str) -> None:
         raise TypeError(f"{have.name} is registered as\n    {have}\nbut the backend contract declares\n    {want}")
 
 
+# forward OpOverload -> its a_shape as registered (register_pool_op): what the ONNX translation returns for A
+A_SHAPES: dict = {}
+
+
 def register_pool_op(
     forward_op,
     backward_op,
@@ -112,6 +116,7 @@ def register_pool_op(
     """
     check_schema(forward_op, FORWARD_SCHEMA)
     check_schema(backward_op, BACKWARD_SCHEMA)
+    A_SHAPES[forward_op] = a_shape
 
     def on_device(shape, x):
         if not isinstance(shape, Mapping):

@@ -1,14 +1,16 @@
 """Exporting models that use cov_pool: torch.export keeps the pooling as one op, ONNX gets its math.
 
 torch.export.export(model, args) records cov_pool as a single node, the registered op of the backend that
-'auto' (or the `backend` asked for) runs: threeg::cov_pool_<backend>_forward (tests/test_export.py checks
-it). An ExportedProgram therefore needs threeg_kernels imported where it runs.
+'auto' (or the `backend` asked for) runs: threeg::cov_pool_<backend>_forward, in a wrap_with_autocast subgraph
+until run_decompositions() (tests/test_export.py checks it). An ExportedProgram therefore needs threeg_kernels
+imported where it runs.
 
 ONNX has no such op. `onnx_translation_table()` maps every registered threeg::cov_pool_<backend>_forward
-op to `cov_pool_onnx`, an ONNX Script function that writes the forward of docs/math.md (1)-(8) with standard
-ONNX operators (MatMul, ReduceMean, ReduceSum, Gather, ...), the K Newton-Schulz steps unrolled.
-`export_onnx(model, args, path)` is torch.onnx.export(..., dynamo=True) with that table; for a table of
-one's own, pass `custom_translation_table=onnx_translation_table()` to torch.onnx.export.
+op to `cov_pool_onnx` (its A output shaped as the op declares it), an ONNX Script function that writes the
+forward of docs/math.md (1)-(8) with standard ONNX operators (MatMul, ReduceMean, ReduceSum, Gather, ...),
+the K Newton-Schulz steps unrolled. `export_onnx(model, args, path)` is torch.onnx.export(..., dynamo=True)
+with that table; for a table of one's own, pass `custom_translation_table=onnx_translation_table()` to
+torch.onnx.export.
 
 onnxscript (and onnx) are imported when a table is built, not with threeg_kernels. docs/deploy.md has
 the commands and the measured agreement with eager PyTorch.
@@ -17,6 +19,7 @@ the commands and the measured agreement with eager PyTorch.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -81,16 +84,45 @@ def cov_pool_onnx(x, weight, iters: int, eps: float, order: str, keep_iterates: 
     return out, A, tr, const(np.zeros(0))
 
 
-def onnx_translation_table() -> dict:
-    """{threeg::cov_pool_<backend>_forward OpOverload: cov_pool_onnx} for every backend op registered here,
-    for torch.onnx.export(..., dynamo=True, custom_translation_table=...). Needs onnxscript."""
+def _translation(a_shape):
+    """cov_pool_onnx with A shaped as the op declares it (a_shape(B, C, N)): empty where the op's kernels form no
+    A (the ext backend's Gram route on CPU), so that the model's recorded shape of that output and the one ONNX
+    infers agree (onnx.checker's full check). With N not static, A as cov_pool_onnx forms it."""
+
+    def cov_pool_onnx_as_registered(x, weight, iters: int, eps: float, order: str, keep_iterates: bool, precision: str):
+        out, A, tr, iterates = cov_pool_onnx(x, weight, iters, eps, order, keep_iterates, precision)
+        c, n = x.shape[1], x.shape[2]
+        if isinstance(n, int) and isinstance(c, int) and a_shape(1, c, n) == (0,):
+            import numpy as np
+            from onnxscript import ir
+            from onnxscript import opset18 as op
+
+            A = op.Constant(value=ir.tensor(np.zeros(0, dtype=x.dtype.numpy())))
+        return out, A, tr, iterates
+
+    return cov_pool_onnx_as_registered
+
+
+def onnx_translation_table(device: Union[str, torch.device] = "cpu") -> dict:
+    """{threeg::cov_pool_<backend>_forward OpOverload: its translation (cov_pool_onnx)} for every backend op
+    registered here, for torch.onnx.export(..., dynamo=True, custom_translation_table=...), exporting with inputs
+    on `device` (what the ops' output shapes depend on). Needs onnxscript."""
     try:
         import onnxscript  # noqa: F401 - only to fail here, with how to install it
     except ImportError as exc:
         raise ImportError(
             "exporting cov_pool to ONNX needs onnxscript and onnx: pip install 'threeg-kernels[export]'"
         ) from exc
-    return dict.fromkeys(_registered_forward_ops(), cov_pool_onnx)
+    from ._registration import A_SHAPES, full_a_shape
+
+    device_type = torch.device(device).type
+    table = {}
+    for forward_op in _registered_forward_ops():
+        a_shape = A_SHAPES.get(forward_op, full_a_shape)
+        if isinstance(a_shape, Mapping):
+            a_shape = a_shape.get(device_type, full_a_shape)
+        table[forward_op] = _translation(a_shape)
+    return table
 
 
 def export_onnx(
@@ -101,6 +133,7 @@ def export_onnx(
 ):
     """torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=onnx_translation_table(), **kwargs)
     -> the ONNXProgram (written to `f` when given). A custom_translation_table in kwargs is merged over ours."""
-    table = onnx_translation_table()
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    table = onnx_translation_table(tensors[0].device if tensors else "cpu")
     table.update(kwargs.pop("custom_translation_table", None) or {})
     return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
