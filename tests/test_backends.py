@@ -441,3 +441,21 @@ def test_double_backward_under_autocast(backend, device):
     for name, got, ref in (("dx", dx, want[1]), ("dweight", dw, want[2])):
         assert got.dtype == torch.float32
         assert rel_err(got, ref) <= RTOL[torch.float32], (name, rel_err(got, ref))
+
+
+def test_python_m_threeg_kernels_reports_and_has_help(capsys, monkeypatch):
+    """`python -m threeg_kernels`: the report names every backend on the CPU and what 'auto' picks there (and a
+    THREEG_BACKEND that overrides it); --help prints the usage instead; an unknown argument is refused."""
+    from threeg_kernels import __main__ as cli
+
+    monkeypatch.setenv("THREEG_BACKEND", "torch")
+    cli.main([])
+    report = capsys.readouterr().out
+    assert "device cpu" in report and "auto picks: " in report and "THREEG_BACKEND=torch" in report
+    assert all(f"  {b:<10} " in report for b in dispatch.BACKENDS)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0 and "usage: python -m threeg_kernels" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--bogus"])
+    assert done.value.code == 2

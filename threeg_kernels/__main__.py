@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 
@@ -19,7 +20,12 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m threeg_kernels",
+        description="Prints the versions, the devices, and which backends run on each (with the reason where one "
+        "does not), and what backend='auto' picks; it takes no other arguments.",
+    ).parse_args(argv)
     print(f"threeg_kernels {threeg_kernels.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
     try:
@@ -47,6 +53,9 @@ def main() -> None:
             print(f"  auto picks: measured per shape at first use (fixed order without measuring: {', '.join(ranked)})")
         else:
             print(f"  auto picks: {ranked[0] if ranked else 'nothing'}")
+        forced = os.environ.get("THREEG_BACKEND")
+        if forced and forced != "auto":
+            print(f"  THREEG_BACKEND={forced}: 'auto' runs that instead")
         for backend in dispatch.BACKENDS:
             reason = dispatch.unavailable_reason(backend, device)
             print(f"  {backend:<10} {'available' if reason is None else 'missing: ' + reason}")
