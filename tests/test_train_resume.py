@@ -82,3 +82,31 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == [
         {k: v for k, v in r.items() if k not in drop} for r in rows_b
     ]
+
+
+@pytest.mark.slow
+def test_resume_applies_this_runs_schedule_and_lr(tmp_path):
+    """Resumed with --epochs and --lr changed: the learning rates of the epochs that follow are those of this run's
+    options (a cosine curve over the new --epochs, from the new --lr), not the checkpoint's schedule."""
+    import math
+
+    tree = make_tree(tmp_path / "tree", classes=2, train=8, val=2)
+    out = tmp_path / "run"
+    first = [sys.executable, "-m", "train", *tiny_args(tree, out, "--epochs", "2", "--lr-schedule", "cosine")]
+    subprocess.run(first, cwd=REPO, check=True, capture_output=True, timeout=600)
+    more = [
+        sys.executable,
+        "-m",
+        "train",
+        *tiny_args(tree, out, "--epochs", "4", "--lr-schedule", "cosine", "--lr", "0.02"),
+        "--resume",
+        str(out / "last.pth"),
+    ]
+    resumed = subprocess.run(more, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "lr 0.01 -> 0.02" in resumed.stdout, resumed.stdout[-2000:]
+    rows = read_summary(out / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    for epoch in (2, 3):
+        want = 0.02 * 0.5 * (1 + math.cos(math.pi * epoch / 4))
+        assert abs(float(rows[epoch]["lr"]) - want) <= 1e-5 * want, (epoch, rows[epoch]["lr"], want)

@@ -139,6 +139,10 @@ def validate(args, info: DistInfo) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value}")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {value}")
     if args.freeze_backbone_epochs < 0:
         raise UserError(f"--freeze-backbone-epochs must be >= 0; got {args.freeze_backbone_epochs}")
     if args.save_format == "safetensors" and importlib.util.find_spec("safetensors") is None:
@@ -346,7 +350,7 @@ def run(args) -> int:
         }
         if changed:
             log(
-                "note: resuming with options other than the checkpoint's: "
+                "note: resuming with options other than the checkpoint's (this run's apply from here on): "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
         finetune.check_optimizer_state(resume_state.get("optimizer", {}), f"--resume {args.resume}")
@@ -405,8 +409,22 @@ def run(args) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
     if resume_state is not None:
+        # The checkpoint's optimizer state (momentum buffers) and scheduler position, with this run's learning
+        # rates, momentum, weight decay and schedule: an option changed on resume (reported above) applies from the
+        # resumed epoch on, as if the run had had it from the start (a cosine run extended by --epochs follows the
+        # longer curve).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        # (a new object: LambdaLR.load_state_dict writes the checkpoint's settings into the one it holds)
+        factor = LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs)
         optimizer.load_state_dict(resume_state["optimizer"])
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update(h)
         scheduler.load_state_dict(resume_state["lr_scheduler"])
+        scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+        scheduler.base_lrs = [h["initial_lr"] for h in hyper]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         start_epoch = resume_state["epoch"] + 1
