@@ -274,3 +274,15 @@ def test_the_pipeline_reports_a_truncated_checkpoint(tmp_path, capsys, good_file
     assert main(tiny_args(tree, tmp_path / "o", "--evaluate", "--checkpoint", str(bad))) == 2
     err = capsys.readouterr().err
     assert "cannot be read as a checkpoint" in err and "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_help_shows_every_options_default_and_no_none():
+    """--help: every option says what it does; defaults are shown where there is one ('(default: None)' never, the
+    help text saying what happens then)."""
+    from train.config import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    assert "SGD momentum (default: 0.9)" in text and "(default: 0.1)" in text
+    assert not [a.option_strings for a in parser._actions if a.option_strings and not a.help]

@@ -17,11 +17,18 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one message on stderr, exit status 2, no traceback."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none (None: the help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train or evaluate a ResNet-3G classifier on an ImageFolder tree (train/, val/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     bool_opt = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
@@ -47,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints as last.pth/best.pth (torch.save) or last.safetensors/best.safetensors (tensors in "
         "safetensors, the rest as JSON metadata); --resume and --checkpoint read both",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="seeds weights, data order and augmentation")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (cuDNN benchmark off)")
     g.add_argument("--print-freq", type=int, default=10, help="progress line every N steps")
     g.add_argument("--tensorboard", action=bool_opt, default=True, help="event files if tensorboard is installed")
@@ -121,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool-backend", default="auto", help="cov_pool backend: auto, reference, torch, triton, ext")
     g.add_argument("--iters", type=int, default=5, help="Newton-Schulz steps of the head")
     g.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"], help="autocast dtype")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action="store_true", help="model and images in channels-last memory format")
     g.add_argument(
         "--sync-bn",
         action=bool_opt,
@@ -161,12 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("optimisation (SGD)")
-    g.add_argument("--epochs", type=int, default=115)
+    g.add_argument("--epochs", type=int, default=115, help="epochs of the whole run (a resumed one too)")
     g.add_argument("--batch-size", type=int, default=256, help="global batch; each rank gets batch / world size")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--lr-schedule", default="multistep", choices=["multistep", "cosine"])
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="SGD learning rate (the backbone's; head and classifier: x --head-lr-factor, --fc-lr-factor)",
+    )
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument(
+        "--lr-schedule",
+        default="multistep",
+        choices=["multistep", "cosine"],
+        help="multistep: times --lr-gamma at each milestone; cosine: to 0 over --epochs",
+    )
     g.add_argument(
         "--lr-milestones",
         type=int,
@@ -174,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[30, 60, 90],
         help="multistep: epochs (0-based) at which lr is multiplied by --lr-gamma",
     )
-    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="multistep: the factor at each milestone")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up from lr/10 over these epochs")
     g.add_argument(
         "--clip-grad",
