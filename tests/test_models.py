@@ -385,3 +385,20 @@ def test_load_format_errors(source, tmp_path):
         models.load_checkpoint(target, path)
     report = models.load_checkpoint(target, path, weights_only=False)
     assert report.ok
+
+
+def test_load_errors_name_the_file(tmp_path):
+    """A file that is not a checkpoint, or one that does not fit, is named in the error; an empty dict says so."""
+    model = models.create_model("resnet18_3g", num_classes=10)
+    state = model.state_dict()
+    state["fc.weight_renamed"] = state.pop("fc.weight")
+    renamed = tmp_path / "renamed.pth"
+    torch.save(state, renamed)
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint \\({renamed}, plain state_dict\\) does not match"):
+        models.load_checkpoint(model, renamed)
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    with pytest.raises(CheckpointFormatError, match=f"^{empty}: .*got an empty dict$"):
+        models.load_checkpoint(model, empty)
+    with pytest.raises(CheckpointFormatError, match="got an empty dict$"):
+        models.load_checkpoint(model, {})  # an object, not a file: no path to name

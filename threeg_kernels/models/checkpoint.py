@@ -178,7 +178,7 @@ def _state_dict_of(obj) -> tuple[dict, str]:
             raise CheckpointFormatError(
                 "expected a state_dict (str -> tensor) or a dict holding one under 'state_dict' (released 3G-Net "
                 "files) or 'model' (this project's training checkpoints); "
-                f"got a dict with keys {_short_list(sorted(map(str, obj)))}"
+                + (f"got a dict with keys {_short_list(sorted(map(str, obj)))}" if obj else "got an empty dict")
             )
         obj = obj[key].state_dict() if isinstance(obj[key], nn.Module) else obj[key]
         source = f"dict with {key!r}"
@@ -237,9 +237,18 @@ def load_checkpoint(
         CheckpointMismatchError (ValueError) on a strict mismatch, listing missing, unexpected and
         wrong-shaped keys with hints (e.g. num_classes for a fc of another size).
     """
+    path = None
     if isinstance(path_or_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_dict)
         path_or_dict = read_checkpoint_file(path_or_dict, weights_only)
-    state_dict, source = _state_dict_of(path_or_dict)
+    try:
+        state_dict, source = _state_dict_of(path_or_dict)
+    except CheckpointFormatError as e:
+        if path is None:
+            raise
+        raise CheckpointFormatError(f"{path}: {e}") from None
+    if path is not None:
+        source = f"{path}, {source}"  # the file in every message and in the report
     state_dict, stripped = _strip_prefixes(state_dict)
 
     target = _unwrap(model)
