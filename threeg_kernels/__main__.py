@@ -53,8 +53,8 @@ def main(argv=None) -> None:
             print(f"  auto picks: measured per shape at first use (fixed order without measuring: {', '.join(ranked)})")
         else:
             print(f"  auto picks: {ranked[0] if ranked else 'nothing'}")
-        forced = os.environ.get("THREEG_BACKEND")
-        if forced and forced != "auto":
+        forced = dispatch.forced_backend()
+        if forced is not None:
             print(f"  THREEG_BACKEND={forced}: 'auto' runs that instead")
         for backend in dispatch.BACKENDS:
             reason = dispatch.unavailable_reason(backend, device)

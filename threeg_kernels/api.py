@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -91,7 +90,7 @@ def cov_pool(
         # their checks, as fast_pool leaves it).
         fast = backend
         if type(backend) is str and backend == "auto" and _auto_cpu_is_ext():
-            fast = "ext" if os.environ.get("THREEG_BACKEND", "") in ("", "auto", "ext") else backend
+            fast = "ext" if dispatch.forced_backend() in (None, "ext") else backend
         out = _FAST_POOL(x, weight, iters, eps, order, fast, precision, keep_iterates)
         if out is not None:
             return out
@@ -136,13 +135,15 @@ def _fast_entry():
 
 
 _FAST_POOL = _fast_entry()
+_CPU = torch.device("cpu")
 
 
 def _auto_cpu_is_ext() -> bool:
     """Whether backend='auto' on a CPU tensor runs 'ext' when THREEG_BACKEND is unset (called where _FAST_POOL exists,
-    so 'ext' is present): 'ext' heads dispatch.AUTO_ORDER['cpu'] and autoselect has no CPU row to measure per shape.
-    Read at each call, as dispatch.resolve reads them (tests give autoselect a CPU row)."""
-    return dispatch.AUTO_ORDER.get("cpu", ())[:1] == ("ext",) and "cpu" not in autoselect.CANDIDATES
+    so 'ext' is present): 'ext' heads dispatch.AUTO_ORDER['cpu'] and autoselect does not measure on the CPU (the test
+    dispatch._resolve_auto makes). Read at each call, as dispatch.resolve reads them (tests give autoselect a CPU
+    row)."""
+    return dispatch.AUTO_ORDER.get("cpu", ())[:1] == ("ext",) and not autoselect.measures(_CPU)
 
 
 def _transformed(x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:

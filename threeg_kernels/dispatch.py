@@ -94,12 +94,19 @@ def available_backends(device=None) -> list[str]:
     return ranked + [n for n in BACKENDS if n not in ranked and unavailable_reason(n, device) is None]
 
 
+def forced_backend() -> Optional[str]:
+    """The backend THREEG_BACKEND makes 'auto' run (not checked), or None where it leaves 'auto' to decide (unset,
+    empty or 'auto'). Read at each call."""
+    forced = os.environ.get("THREEG_BACKEND")
+    return forced if forced and forced != "auto" else None
+
+
 def resolve(backend: str, device: torch.device) -> Loaded:
     """Returns the backend to run for `backend` ('auto' or a name) on `device`, or raises why not."""
     check_backend(backend)
     if backend == "auto":
-        forced = os.environ.get("THREEG_BACKEND")
-        if forced and forced != "auto":  # (unset, empty or 'auto': 'auto' itself)
+        forced = forced_backend()
+        if forced is not None:
             check_backend(forced, arg="the environment variable THREEG_BACKEND")
             backend = forced
         else:
