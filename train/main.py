@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import math
@@ -403,9 +404,10 @@ def run(args) -> int:
         return 0
 
     optimizer = finetune.build_optimizer(bare, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs)
+    lr_factor = functools.partial(
+        LRFactor, args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor())
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, best_top1, best_epoch = 0, -1.0, -1
     if resume_state is not None:
@@ -415,7 +417,7 @@ def run(args) -> int:
         # longer curve).
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         # (a new object: LambdaLR.load_state_dict writes the checkpoint's settings into the one it holds)
-        factor = LRFactor(args.lr_schedule, args.lr_milestones, args.lr_gamma, args.epochs, args.warmup_epochs)
+        factor = lr_factor()
         optimizer.load_state_dict(resume_state["optimizer"])
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)
