@@ -621,7 +621,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
       Buffer<scalar_t> grams(gram ? group * n * n : 0);  // Gram route: M of each sample in the group
       // C x C route: proj = V Xc (C x N), scaled = p(L) V (C x C); Gram route: W diag(q) (C x N), W in the slot
       Buffer<scalar_t> work1(gram ? 0 : c * n), work2(gram ? 0 : c * c), work3(gram ? c * n : 0);
-      std::vector<scalar_t> p(c);
+      Buffer<scalar_t> p(c);
       std::vector<double> norms(n);
       GramRecursion recursion;
       for (int64_t b0 = next.fetch_add(group); b0 < b_n; b0 = next.fetch_add(group)) {
@@ -756,8 +756,8 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x, 
       Buffer<scalar_t> work1(gram ? 0 : c * c), work2(gram ? c * n : c * c), work3(c * n);
       Buffer<scalar_t> work4(gram ? 0 : c * n);
       Buffer<scalar_t> work5(gram ? n * n : 0), work6(gram && !saved ? n * n : 0);
-      std::vector<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
-      std::vector<scalar_t> dxw_row(n);
+      Buffer<scalar_t> traj(gram ? 0 : 3 * iters * c), p(c), ddy(c), ddz(c);
+      Buffer<scalar_t> dxw_row(n);
       std::vector<double> dw_acc(n), norms(gram ? n : 0), frow(gram ? n : 0), fscratch(gram ? n : 0);
       GramRecursion recursion;
       std::vector<Eigh<scalar_t>> eigh;  // only to recompute
