@@ -44,7 +44,7 @@ namespace small_eigh_detail {
 // buffers that was a memset of ~650 KB a thread a call at C = 64, B = 16, ~2% of the forward), for buffers every
 // element of which is written before it is read; aligned to 64 bytes, so that the rows of stride ld (a multiple of 16
 // elements) start on a cache line. With operator new's 16 bytes every AVX-512 load and store of a row spanned two
-// lines: the eigensolver took 9-12% longer at n = 64 and 128 (float32; 2-core Intel Xeon with AVX-512, 2026-12-07).
+// lines: the eigensolver took 12-15% longer at n = 64 to 256 (float32; docs/ext.md, "Per-call cost").
 template <typename T>
 struct DefaultInit : std::allocator<T> {
   static constexpr std::size_t kAlign = 64;
@@ -579,7 +579,7 @@ class QLChain {
   // bit: the same operations on the same operands in the same order (tests/test_ext.py checks the results of
   // a group against each matrix alone). `work`: 2 L n values.
   template <int L>
-  static THREEG_INLINE void run_lockstep(QLChain* ch, int g, const bool* live_in, T* work, std::vector<T>& rec) {
+  static THREEG_INLINE void run_lockstep(QLChain* ch, int g, const bool* live_in, T* work, Buffer<T>& rec) {
     typedef T Lanes __attribute__((vector_size(L * sizeof(T))));
     typedef decltype(Lanes{} < Lanes{}) Mask;
     const int64_t n = ch[0].n_;
@@ -589,6 +589,11 @@ class QLChain {
     Lanes S = {}, C = {}, G = {}, P = {}, LO = {}, HI = {}, NEG = {};
     Mask live = {};
     rec.clear();
+    // Room for n^2 + 8 n rounds, which a group's iterations stayed below (1.05 n^2 at n = 32, 0.98 at 64, 0.86 at 128,
+    // 0.83 at 196, 0.50 at 256: eight covariances of relu-like features, N = 196): more grow the records by
+    // reallocation, each a copy (grown from empty at every call, the records and their zero-filling took the forward
+    // at C = 64 and 128, N = 196 3-5% longer).
+    rec.reserve(2 * L * (n * n + 8 * n));
     for (int j = 0; j < L; ++j) {
       const bool on = j < g && live_in[j];
       for (int64_t i = 0; i < n; ++i) {
@@ -881,7 +886,8 @@ class QLChain {
 // 41 against 66-75 us (standalone, AVX-512 float32; docs/ext.md, "Eigensolver").
 constexpr int kGroup = small_eigh_detail::kLanesQL;
 
-// Scratch of one thread for up to kGroup matrices of size n: reused across samples (no allocation per call).
+// Scratch of one thread for up to kGroup matrices of size n: reused across samples, and across calls where the
+// kernels keep one per thread (Eigh::thread_solver in kernels.h).
 template <typename T>
 class SmallEigh {
  public:
@@ -897,6 +903,8 @@ class SmallEigh {
         order_(n),
         chains_(kGroup),
         recs_(kGroup / small_eigh_detail::kLockstepLanes<T>) {}
+
+  int64_t size() const { return n_; }
 
   // For j < g <= kGroup: a[j] row-major n x n symmetric (both triangles; read only) into v[j] (n x n, rows =
   // eigenvectors) and l[j] (ascending); ok[j] says whether that matrix converged.
@@ -921,7 +929,7 @@ class SmallEigh {
       constexpr int kBatch = small_eigh_detail::kLockstepLanes<T>;
       for (int j0 = 0; j0 < g; j0 += kBatch) {
         const int count = std::min(kBatch, g - j0);
-        std::vector<T>& rec = recs_[j0 / kBatch];
+        Buffer<T>& rec = recs_[j0 / kBatch];
         Chain::template run_lockstep<kBatch>(chains_.data() + j0, count, live + j0, lanes_.data(), rec);
         Chain::set_records(chains_.data() + j0, count, rec.data());
       }
@@ -972,10 +980,11 @@ class SmallEigh {
   // (every element written before it is read) a_: the matrix being reduced, one at a time (a group's eight at
   // n = 196 were 1.3 MB, most of a core's L2); vt_: each matrix's eigenvector rows until they are sorted out
   small_eigh_detail::Buffer<T> a_, q_, vt_, lanes_;
-  std::vector<T> yt_, vec_;
+  small_eigh_detail::Buffer<T> yt_, vec_;
   std::vector<int64_t> order_;
   std::vector<small_eigh_detail::QLChain<T>> chains_;
-  std::vector<std::vector<T>> recs_;  // run_lockstep's records of the rotations, one a batch of lanes (lanes_: work)
+  // run_lockstep's records of the rotations, one a batch of lanes (lanes_: its work)
+  std::vector<small_eigh_detail::Buffer<T>> recs_;
 };
 
 }  // namespace THREEG_CPU_VARIANT
