@@ -349,9 +349,10 @@ class Eigh {
   }
 
   // The own solver of size n of the calling thread, kept between calls (one per thread and dtype, for the last size
-  // asked for; an op's thread holds one Eigh at a time, so none is rebuilt under another's use): built at every call, its scratch (eight matrices' rows, the rotations' records: ~0.5 MB at n = 64,
-  // ~5 MB used of ~7 MB at n = 256, float32) came back from the allocator cold and its records grew by reallocation. Kept, the forward at
-  // C = 64, N = 196 took ~15% less, at C = 128 ~4% (docs/ext.md, "Per-call cost").
+  // asked for; an op's thread holds one Eigh at a time, so none is rebuilt under another's use): built at every call,
+  // its scratch (eight matrices' rows, the rotations' records: ~0.6 MB at n = 64, ~6.5 MB used of ~9 MB at n = 256,
+  // float32) came back from the allocator cold and its records grew by reallocation. Kept, the forward at (C, N) =
+  // (64, 196) took ~15% less, at (128, 196) ~4% (docs/ext.md, "Per-call cost").
   static SmallEigh<scalar_t>& thread_solver(int64_t n) {
     static thread_local std::optional<SmallEigh<scalar_t>> solver;
     if (!solver.has_value() || solver->size() != n) solver.emplace(n);

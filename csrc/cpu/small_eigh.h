@@ -363,28 +363,26 @@ THREEG_INLINE void transpose_block(Vec* r) {
   }
 }
 
-// Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`: Q = H_0 ... H_{n-3},
-// accumulated from the last in blocks of kReflectors, Q <- H_k0 ... H_k1 Q = (I - Y S Y^T) Q on rows k0 + 1 .. (Y's
-// columns the block's u, S upper triangular: LAPACK's larft, forward), then transposed. Column block by column block of
-// one vector register each (two at a time with AVX-512: apply_block_reflector), Y^T Q is summed in registers over the
-// rows, S applied there, and the rows updated in a second pass while the column block is still in the L1 cache:
-// kReflectors products per element loaded, where one reflector at a time makes two passes per reflector, each with one
-// product per element (3 to 5 times slower at n = 64 to 128). Columns left of k0 + 1 of those rows are zero, so the
-// aligned start adds zeros. q: n x ld scratch; yt: kReflectors x ld scratch (the block's Y^T).
+// form_qt / FormQt: Q^T (n x n in rows of stride ld, into qt) from the reflectors tridiagonalise left in `a`, Q = H_0
+// ... H_{n-3}, accumulated from the last in blocks of kReflectors, Q <- H_k0 ... H_k1 Q = (I - Y S Y^T) Q on rows k0 +
+// 1 .. (Y's columns the block's u, S upper triangular: LAPACK's larft, forward), then transposed. Column block by
+// column block of one vector register each (two at a time with AVX-512: apply_block_reflector), Y^T Q is summed in
+// registers over the rows, S applied there, and the rows updated in a second pass while the column block is still in
+// the L1 cache: kReflectors products per element loaded, where one reflector at a time makes two passes per reflector,
+// each with one product per element (3 to 5 times slower at n = 64 to 128). Columns left of k0 + 1 of those rows are
+// zero, so the aligned start adds zeros. q: n x ld scratch; yt: kReflectors x ld scratch (the block's Y^T).
 constexpr int kReflectors = 8;  // 8 sums and their operands fit the 16 vector registers of AVX2 / SSE2
 
-// Q <- (I - Y S Y^T) Q on rows i0 .. n - 1 of the W column blocks from c (one vector register wide each): Y^T Q
-// summed in registers over the rows, S applied there, the rows updated in a second pass (form_qt).
-template <int W, typename T>
-THREEG_INLINE void apply_block_reflector(T* q, const T* yt, const T (&s)[kReflectors][kReflectors], int64_t i0,
-                                         int64_t n, int64_t ld, int64_t c) {
+// The two passes of Q <- (I - Y S Y^T) Q over rows i0 .. n - 1 of the W column blocks from c (one vector register
+// wide each), on the rows [i_begin, i_end) of a pass: reflector_sums adds their part of Y^T Q to acc (summed in
+// registers over the rows), reflector_weights turns the sums into S Y^T Q, reflector_update subtracts Y (S Y^T Q)
+// from the rows. Whole passes (apply_block_reflector), or a few rows at a time between the QL lockstep's rounds
+// (FormQt::step): each element goes through the same operations in the same order either way.
+template <int W, typename T, typename Vec>
+THREEG_INLINE void reflector_sums(Vec (&acc)[kReflectors][W], const T* q, const T* yt, int64_t i_begin,
+                                  int64_t i_end, int64_t ld, int64_t c) {
   constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
-  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
-  Vec acc[kReflectors][W];
-#pragma GCC unroll 8
-  for (int j = 0; j < kReflectors; ++j)
-    for (int w = 0; w < W; ++w) acc[j][w] = Vec{};
-  for (int64_t i = i0; i < n; ++i) {  // Y^T Q on these column blocks
+  for (int64_t i = i_begin; i < i_end; ++i) {
     Vec qv[W];
     for (int w = 0; w < W; ++w) __builtin_memcpy(&qv[w], q + i * ld + c + w * kVector, sizeof(Vec));
 #pragma GCC unroll 8
@@ -393,7 +391,11 @@ THREEG_INLINE void apply_block_reflector(T* q, const T* yt, const T (&s)[kReflec
       for (int w = 0; w < W; ++w) acc[j][w] += y * qv[w];
     }
   }
-  Vec wv[kReflectors][W];  // S Y^T Q
+}
+
+template <int W, typename T, typename Vec>
+THREEG_INLINE void reflector_weights(const Vec (&acc)[kReflectors][W], const T (&s)[kReflectors][kReflectors],
+                                     Vec (&wv)[kReflectors][W]) {
 #pragma GCC unroll 8
   for (int j = 0; j < kReflectors; ++j) {
     for (int w = 0; w < W; ++w) wv[j][w] = s[j][j] * acc[j][w];
@@ -401,7 +403,13 @@ THREEG_INLINE void apply_block_reflector(T* q, const T* yt, const T (&s)[kReflec
     for (int l = j + 1; l < kReflectors; ++l)
       for (int w = 0; w < W; ++w) wv[j][w] += s[j][l] * acc[l][w];
   }
-  for (int64_t i = i0; i < n; ++i) {  // Q -= Y (S Y^T Q)
+}
+
+template <int W, typename T, typename Vec>
+THREEG_INLINE void reflector_update(const Vec (&wv)[kReflectors][W], T* q, const T* yt, int64_t i_begin,
+                                    int64_t i_end, int64_t ld, int64_t c) {
+  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  for (int64_t i = i_begin; i < i_end; ++i) {
     Vec qv[W];
     for (int w = 0; w < W; ++w) __builtin_memcpy(&qv[w], q + i * ld + c + w * kVector, sizeof(Vec));
 #pragma GCC unroll 8
@@ -413,64 +421,216 @@ THREEG_INLINE void apply_block_reflector(T* q, const T* yt, const T (&s)[kReflec
   }
 }
 
-template <typename T>
-THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* yt, T* qt) {
-  constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+// Q <- (I - Y S Y^T) Q on rows i0 .. n - 1 of the W column blocks from c, both passes whole.
+template <int W, typename T>
+THREEG_INLINE void apply_block_reflector(T* q, const T* yt, const T (&s)[kReflectors][kReflectors], int64_t i0,
+                                         int64_t n, int64_t ld, int64_t c) {
   typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
-  std::fill(q, q + n * ld, T(0));
-  for (int64_t i = 0; i < n; ++i) q[i * ld + i] = 1;
-  for (int64_t k0 = (n - 3) / kReflectors * kReflectors; n >= 3 && k0 >= 0; k0 -= kReflectors) {
-    T s[kReflectors][kReflectors] = {};
-    bool any = false;
-    for (int j = 0; j < kReflectors; ++j) {  // Y^T's rows: u_k from k + 1 on (zero for a missing or trivial H_k)
-      const int64_t k = k0 + j;
-      T* y = yt + j * ld;
-      std::fill(y, y + ld, T(0));
-      if (k > n - 3 || tau[k] == T(0)) continue;
-      std::copy(a + k * ld + k + 1, a + k * ld + n, y + k + 1);
-      s[j][j] = tau[k];
-      any = true;
+  Vec acc[kReflectors][W], wv[kReflectors][W];
+#pragma GCC unroll 8
+  for (int j = 0; j < kReflectors; ++j)
+    for (int w = 0; w < W; ++w) acc[j][w] = Vec{};
+  reflector_sums<W>(acc, q, yt, i0, n, ld, c);
+  reflector_weights<W>(acc, s, wv);
+  reflector_update<W>(wv, q, yt, i0, n, ld, c);
+}
+
+// form_qt of g matrices, one after the other: finish() runs it to the end; step() advances it by a few rows of one
+// column block's pass (or one block of its set-up or of the transpose), small enough to go between two rounds of
+// the QL lockstep (QLChain::run_lockstep's filler), whose chain of dependent operations leaves the core's units
+// mostly idle: the rows' products run in that latency. Each matrix's Q^T comes out the same, bit for bit, either
+// way. Per matrix, form_qt + the QL iteration of a group of eight (the C++ harness of docs/ext.md, "Eigensolver",
+// float32, AVX-512, 2026-12-07): n = 64 14.5-15.3 -> 11.6-12.6 us, 128 60-64 -> 51-53, 196 165-174 -> 147-155.
+template <typename T>
+class FormQt {
+  static constexpr int64_t kVector = THREEG_VECTOR_BYTES / sizeof(T);
+  typedef T Vec __attribute__((vector_size(THREEG_VECTOR_BYTES)));
+  enum Phase { kStartMatrix, kStartBlock, kSum, kUpdate, kTranspose, kDone };
+
+ public:
+  // a[j], tau[j]: tridiagonalise's reflectors of matrix j; qt[j]: its Q^T (n x n in rows of stride ld); q: n x ld
+  // scratch, yt: kReflectors x ld scratch.
+  void start(int g, const T* const* a, const T* const* tau, T* const* qt, int64_t n, int64_t ld, T* q, T* yt) {
+    g_ = g;
+    a_ = a;
+    tau_ = tau;
+    qt_ = qt;
+    n_ = n;
+    ld_ = ld;
+    q_ = q;
+    yt_ = yt;
+    j_ = 0;
+    // Rows a step: the more at a larger n, where the products outnumber the rounds (n = 64 best at 4 in the harness
+    // above, 128 and 196 at 8)
+    rows_ = n >= 96 ? 8 : 4;
+    phase_ = g > 0 ? kStartMatrix : kDone;
+  }
+
+  THREEG_INLINE void step() {
+    if (phase_ == kSum) {
+      sum_rows();
+    } else if (phase_ == kUpdate) {
+      update_rows();
+    } else if (phase_ != kDone) {
+      other_step();
     }
-    if (!any) continue;
-    const int64_t i0 = k0 + 1;
-    const int64_t c0 = i0 / kLanes * kLanes;  // Y^T's rows are zero outside i0 .. n - 1: whole vectors from c0 to ld
-    for (int j = 1; j < kReflectors; ++j) {  // S[0:j, j] = -tau_j S[0:j, 0:j] (Y[:, 0:j]^T u_j)
-      T z[kReflectors];
-      for (int l = 0; l < j; ++l) z[l] = dot(yt + l * ld + c0, yt + j * ld + c0, ld - c0);
-      for (int i = 0; i < j; ++i) {
-        T sum = 0;
-        for (int l = i; l < j; ++l) sum += s[i][l] * z[l];
-        s[i][j] = -s[j][j] * sum;
+  }
+
+  // The rest, a block's column blocks two at a time where AVX-512 has the registers (apply_block_reflector).
+  void finish() {
+    rows_ = n_;
+    while (phase_ != kDone) {
+      if (phase_ == kSum && i_ == i0_) {  // at the start of a column block: the block's rest in whole passes
+        // With AVX-512's 32 vector registers, two column blocks at a time where two are left: each entry of Y^T is
+        // loaded once for both. n = 128, float32, one thread: 37.6 -> 29.7 us (n = 64: 5.0 -> 4.6; 196: 97 -> 83).
+        // Two blocks' sums need 16 registers, all AVX2 has.
+        int64_t c = c_;
+        if constexpr (THREEG_VECTOR_BYTES == 64) {
+          for (; c + 2 * kVector <= ld_; c += 2 * kVector) apply_block_reflector<2>(q_, yt_, s_, i0_, n_, ld_, c);
+        }
+        for (; c < ld_; c += kVector) apply_block_reflector<1>(q_, yt_, s_, i0_, n_, ld_, c);
+        next_block();
+      } else {
+        step();
       }
     }
-    // With AVX-512's 32 vector registers, two column blocks at a time where two are left: each entry of Y^T is
-    // loaded once for both (every element goes through the same operations in the same order as one block at a
-    // time). n = 128, float32, one thread: 37.6 -> 29.7 us (n = 64: 5.0 -> 4.6; 196: 97 -> 83). Two blocks'
-    // sums need 16 registers, all AVX2 has.
-    int64_t c = c0;
-    if constexpr (THREEG_VECTOR_BYTES == 64) {
-      for (; c + 2 * kVector <= ld; c += 2 * kVector) apply_block_reflector<2>(q, yt, s, i0, n, ld, c);
-    }
-    for (; c < ld; c += kVector) apply_block_reflector<1>(q, yt, s, i0, n, ld, c);
   }
-  // The transpose in blocks of one vector register square (ld is a multiple of kLanes, so of the vector width; the
-  // padding is zero in both), each block transposed in registers (transpose_block): element by element through a
-  // tile in memory it took ~12 of the ~57 us of form_qt at n = 128.
-  for (int64_t i0 = 0; i0 < ld; i0 += kVector) {
-    for (int64_t j0 = 0; j0 < n; j0 += kVector) {
+
+ private:
+  THREEG_INLINE void sum_rows() {
+    const int64_t end = std::min(i_ + rows_, n_);
+    Vec acc[kReflectors][1];
+    __builtin_memcpy(acc, acc_, sizeof(acc));
+    reflector_sums<1>(acc, q_, yt_, i_, end, ld_, c_);
+    i_ = end;
+    if (i_ < n_) {
+      __builtin_memcpy(acc_, acc, sizeof(acc));
+      return;
+    }
+    reflector_weights<1>(acc, s_, acc_);
+    i_ = i0_;
+    phase_ = kUpdate;
+  }
+
+  THREEG_INLINE void update_rows() {
+    const int64_t end = std::min(i_ + rows_, n_);
+    reflector_update<1>(acc_, q_, yt_, i_, end, ld_, c_);
+    i_ = end;
+    if (i_ < n_) return;
+    c_ += kVector;
+    if (c_ < ld_) {
+      start_sums();
+    } else {
+      next_block();
+    }
+  }
+
+  void start_sums() {
+    for (int j = 0; j < kReflectors; ++j) acc_[j][0] = Vec{};
+    i_ = i0_;
+    phase_ = kSum;
+  }
+
+  void next_block() {
+    k0_ -= kReflectors;
+    phase_ = k0_ >= 0 ? kStartBlock : kTranspose;
+    block_ = 0;
+  }
+
+  // Q = I; a block's Y^T and S; one block of the transpose.
+  __attribute__((noinline)) void other_step() {
+    const int64_t n = n_, ld = ld_;
+    if (phase_ == kStartMatrix) {
+      std::fill(q_, q_ + n * ld, T(0));
+      for (int64_t i = 0; i < n; ++i) q_[i * ld + i] = 1;
+      k0_ = n >= 3 ? (n - 3) / kReflectors * kReflectors : -1;
+      phase_ = k0_ >= 0 ? kStartBlock : kTranspose;
+      block_ = 0;
+    } else if (phase_ == kStartBlock) {
+      if (!set_up_block()) {  // no reflector in it
+        next_block();
+        return;
+      }
+      c_ = i0_ / kLanes * kLanes;  // Y^T's rows are zero outside i0 .. n - 1: whole vectors from there to ld
+      start_sums();
+    } else {  // kTranspose: the block (i0.., j0..) of Q into (j0.., i0..) of Q^T, transposed in registers (ld is a
+      // multiple of kLanes, so of the vector width; the padding is zero in both); element by element through a tile
+      // in memory the transpose took ~12 of the ~57 us of form_qt at n = 128
+      const int64_t blocks = (n + kVector - 1) / kVector;  // along a row of Q
+      const int64_t i0 = block_ / blocks * kVector, j0 = block_ % blocks * kVector;
+      T* qt = qt_[j_];
       Vec r[kVector];
       for (int64_t i = 0; i < kVector; ++i) {
         if (i0 + i < n) {
-          __builtin_memcpy(&r[i], q + (i0 + i) * ld + j0, sizeof(Vec));
+          __builtin_memcpy(&r[i], q_ + (i0 + i) * ld + j0, sizeof(Vec));
         } else {
           r[i] = Vec{};
         }
       }
       transpose_block<kVector / 2>(r);
       for (int64_t j = 0; j < kVector && j0 + j < n; ++j) __builtin_memcpy(qt + (j0 + j) * ld + i0, &r[j], sizeof(Vec));
+      if (++block_ < ld / kVector * blocks) return;
+      phase_ = ++j_ < g_ ? kStartMatrix : kDone;
     }
   }
+
+  // Y^T's rows (u_k from k + 1 on; zero for a missing or trivial H_k) and S of the block from k0_; false if the
+  // block has no reflector.
+  bool set_up_block() {
+    const int64_t n = n_, ld = ld_, k0 = k0_;
+    const T* a = a_[j_];
+    const T* tau = tau_[j_];
+    for (int j = 0; j < kReflectors; ++j)
+      for (int l = 0; l < kReflectors; ++l) s_[j][l] = 0;
+    bool any = false;
+    for (int j = 0; j < kReflectors; ++j) {
+      const int64_t k = k0 + j;
+      T* y = yt_ + j * ld;
+      std::fill(y, y + ld, T(0));
+      if (k > n - 3 || tau[k] == T(0)) continue;
+      std::copy(a + k * ld + k + 1, a + k * ld + n, y + k + 1);
+      s_[j][j] = tau[k];
+      any = true;
+    }
+    if (!any) return false;
+    i0_ = k0 + 1;
+    const int64_t c0 = i0_ / kLanes * kLanes;
+    for (int j = 1; j < kReflectors; ++j) {  // S[0:j, j] = -tau_j S[0:j, 0:j] (Y[:, 0:j]^T u_j)
+      T z[kReflectors];
+      for (int l = 0; l < j; ++l) z[l] = dot(yt_ + l * ld + c0, yt_ + j * ld + c0, ld - c0);
+      for (int i = 0; i < j; ++i) {
+        T sum = 0;
+        for (int l = i; l < j; ++l) sum += s_[i][l] * z[l];
+        s_[i][j] = -s_[j][j] * sum;
+      }
+    }
+    return true;
+  }
+
+  int g_ = 0, j_ = 0;
+  const T* const* a_ = nullptr;
+  const T* const* tau_ = nullptr;
+  T* const* qt_ = nullptr;
+  int64_t n_ = 0, ld_ = 0, rows_ = 0;
+  T* q_ = nullptr;
+  T* yt_ = nullptr;
+  Phase phase_ = kDone;
+  int64_t k0_ = 0, i0_ = 0, c_ = 0, i_ = 0, block_ = 0;
+  T s_[kReflectors][kReflectors] = {};
+  Vec acc_[kReflectors][1];  // the sums Y^T Q of the pass in progress, then S Y^T Q
+};
+
+template <typename T>
+THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q, T* yt, T* qt) {
+  FormQt<T> steps;
+  steps.start(1, &a, &tau, &qt, n, ld, q, yt);
+  steps.finish();
 }
+
+// What run_lockstep runs between its rounds where there is nothing to hide in them.
+struct NoFiller {
+  THREEG_INLINE void step() {}
+};
 
 // The matrices whose QL iterations QLChain<T>::run_lockstep runs together, one a vector lane: 8, or as many as one
 // vector register of the variant holds where that is fewer (AVX2 double: 4; SSE2: 4 float, 2 double): GCC keeps a
@@ -578,8 +738,9 @@ class QLChain {
   // apply_rotations() reads them (set_records). Every chain's rotations, sweeps and values are step()'s, bit for
   // bit: the same operations on the same operands in the same order (tests/test_ext.py checks the results of
   // a group against each matrix alone). `work`: 2 L n values.
-  template <int L>
-  static THREEG_INLINE void run_lockstep(QLChain* ch, int g, const bool* live_in, T* work, Buffer<T>& rec) {
+  template <int L, typename Filler>
+  static THREEG_INLINE void run_lockstep(QLChain* ch, int g, const bool* live_in, T* work, Buffer<T>& rec,
+                                         Filler& filler) {
     typedef T Lanes __attribute__((vector_size(L * sizeof(T))));
     typedef decltype(Lanes{} < Lanes{}) Mask;
     const int64_t n = ch[0].n_;
@@ -662,6 +823,7 @@ class QLChain {
       T* out = rec.data() + 2 * L * base;
       for (int j = 0; j < L; ++j) first[j] = base + top - (static_cast<int64_t>(Mv[j]) - 1);
       for (int64_t i = top; i >= bottom; --i, out += 2 * L) {
+        filler.step();  // independent work for the units the round's chain leaves idle (FormQt)
         const Lanes I = Lanes{} + static_cast<T>(i);
         Mask act = (I >= LO) & (I <= HI);
         Lanes E, D0, D1, E1;
@@ -894,7 +1056,7 @@ class SmallEigh {
   explicit SmallEigh(int64_t n)
       : n_(n),
         ld_((n + small_eigh_detail::kLanes - 1) / small_eigh_detail::kLanes * small_eigh_detail::kLanes),
-        a_(n * ld_),
+        a_(kGroup * n * ld_),
         q_(n * ld_),
         vt_(kGroup * n * ld_),
         lanes_(2 * kGroup * n),
@@ -912,27 +1074,40 @@ class SmallEigh {
     using namespace small_eigh_detail;
     const int64_t n = n_, ld = ld_;
     bool live[kGroup];
+    const T* reflectors[kGroup];  // of the finite matrices, m of them
+    const T* taus[kGroup];
+    T* qts[kGroup];
+    int m = 0;
     for (int j = 0; j < g; ++j) {
-      T* aj = a_.data();  // one buffer for the group: nothing reads a matrix's reflectors after form_qt
+      T* aj = a_.data() + j * n * ld;  // kept until its Q^T is formed
       T *d = vec(j), *e = d + n, *tau = e + n, *p = tau + n, *u = p + ld, *w = u + ld;
       live[j] = ok[j] = copy_finite(a[j], aj);
       if (!ok[j]) continue;
       tridiagonalise(aj, n, ld, d, e, tau, p, u, w);
-      form_qt(aj, tau, n, ld, q_.data(), yt_.data(), vt(j));
       chains_[j].start(d, e, vt(j), n, ld);
+      reflectors[m] = aj;
+      taus[m] = tau;
+      qts[m++] = vt(j);
     }
     if (g == 1) {
-      if (live[0]) while (chains_[0].step()) {}
+      if (live[0]) {
+        form_qt(reflectors[0], taus[0], n, ld, q_.data(), yt_.data(), qts[0]);
+        while (chains_[0].step()) {}
+      }
     } else {
-      // in lockstep, as many at a time as the variant's vector register holds (kLockstepLanes)
+      // in lockstep, as many at a time as the variant's vector register holds (kLockstepLanes), the group's Q^T
+      // formed between the rounds (FormQt), the rest of it after them
       using Chain = small_eigh_detail::QLChain<T>;
       constexpr int kBatch = small_eigh_detail::kLockstepLanes<T>;
+      FormQt<T> formed;
+      formed.start(m, reflectors, taus, qts, n, ld, q_.data(), yt_.data());
       for (int j0 = 0; j0 < g; j0 += kBatch) {
         const int count = std::min(kBatch, g - j0);
         Buffer<T>& rec = recs_[j0 / kBatch];
-        Chain::template run_lockstep<kBatch>(chains_.data() + j0, count, live + j0, lanes_.data(), rec);
+        Chain::template run_lockstep<kBatch>(chains_.data() + j0, count, live + j0, lanes_.data(), rec, formed);
         Chain::set_records(chains_.data() + j0, count, rec.data());
       }
+      formed.finish();
     }
     for (int j = 0; j < g; ++j) {
       if (!ok[j]) continue;
@@ -977,8 +1152,9 @@ class SmallEigh {
   }
 
   int64_t n_, ld_;
-  // (every element written before it is read) a_: the matrix being reduced, one at a time (a group's eight at
-  // n = 196 were 1.3 MB, most of a core's L2); vt_: each matrix's eigenvector rows until they are sorted out
+  // (every element written before it is read) a_: each matrix of the group, reduced in place, its reflectors kept
+  // until FormQt has formed its Q^T between the QL iteration's rounds (one buffer for the group when each Q^T was
+  // formed right after the reduction); vt_: each matrix's eigenvector rows until they are sorted out
   small_eigh_detail::Buffer<T> a_, q_, vt_, lanes_;
   small_eigh_detail::Buffer<T> yt_, vec_;
   std::vector<int64_t> order_;
