@@ -281,8 +281,9 @@ def test_samples_solved_together_equal_each_alone(monkeypatch, one_thread, isa, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c, n", [(64, 62), (128, 124), (17, 16)])
 def test_cxc_route_rank_deficient(dtype, c, n):
-    """15/16 C < N <= C stays on the C x C route with rank N - 1: eps / tr is an eigenvalue C - N + 1 times, its
-    eigenvectors any basis of that space (the QL iteration and syevd pick different ones)."""
+    """N > 15/16 C (13/16 C below C = 96), N <= C stays on the C x C route with rank N - 1: eps / tr is an
+    eigenvalue C - N + 1 times, its eigenvectors any basis of that space (the QL iteration and syevd pick different
+    ones)."""
     assert not _ext_impl.gram_route(c, n)
     x, w, g = make_case(2, c, n, weighted=True, dtype=dtype, seed=n)
     assert_close_to_reference("ext", x, w, g, iters=5)
@@ -326,12 +327,13 @@ def _iterates_width(c: int, n: int) -> int:
     return _saved(c, n)[1]
 
 
-@pytest.mark.parametrize("c", [8, 64, 256])
-def test_route_either_side_of_the_crossover(c):
-    """The Gram route for N <= 15/16 C, keeping V and m of the N x N Gram matrix and W (C x N): N (N + 1 + C) values
-    a sample against the C x C route's C (C + 1) and A; the fake kernel's rule (ext_impl.gram_route) agrees with the
-    C++ one."""
-    below, above = 15 * c // 16, 15 * c // 16 + 1  # the last N of the Gram route, the first of the C x C one
+@pytest.mark.parametrize("c, sixteenths", [(8, 13), (64, 13), (95, 13), (96, 14), (127, 14), (128, 15), (256, 15)])
+def test_route_either_side_of_the_crossover(c, sixteenths):
+    """The Gram route for N <= 13/16 C below C = 96, 7/8 C below C = 128, 15/16 C from there (docs/ext.md, "Routes"),
+    keeping V and m of the N x N Gram matrix and W (C x N): N (N + 1 + C) values a sample against the C x C route's
+    C (C + 1) and A; the fake kernel's rule (ext_impl.gram_route) agrees with the C++ one on both sides."""
+    below = sixteenths * c // 16  # the last N of the Gram route
+    above = below + 1  # the first of the C x C one
     assert _ext_impl.gram_route(c, below) and not _ext_impl.gram_route(c, above)
     if below >= 2:
         assert _iterates_width(c, below) == below * (below + 1 + c) < c * (c + 1) + c * c
@@ -429,7 +431,7 @@ def test_gram_route_opcheck(keep_iterates, weighted):
 
 @pytest.mark.slow
 def test_compile_dynamic_across_the_crossover():
-    """torch.compile(dynamic=True): the fake kernel's route guard recompiles when N crosses 15/16 C."""
+    """torch.compile(dynamic=True): the fake kernel's route guard recompiles when N crosses 13/16 C (C = 8)."""
     fn = lambda a, b: threeg_kernels.cov_pool(a, b, iters=3, backend="ext").sum(-1)  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     for n in (5, 12, 13):  # C = 8: the Gram route, then C x C twice

@@ -53,9 +53,10 @@ namespace {
 using at::Tensor;
 using small_eigh_detail::Buffer;
 
-// The Gram route runs when N is below C by the measured margin (docs/ext.md, "Routes": the crossover measured
-// at C = 64 .. 512); threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
-inline bool gram_route(int64_t c, int64_t n) { return 16 * n <= 15 * c; }
+// The Gram route runs when N is below C by the measured margin, which narrows as C grows: N <= 13/16 C below C = 96,
+// 7/8 C below C = 128, 15/16 C from there (docs/ext.md, "Routes": the crossovers measured at C = 32 .. 512);
+// threeg_kernels/backends/ext_impl.py (gram_route) states the same rule for the fake kernel.
+inline bool gram_route(int64_t c, int64_t n) { return 16 * n <= (c < 96 ? 13 : c < 128 ? 14 : 15) * c; }
 
 // c (m x n) = alpha op(a) op(b) + beta c, every matrix row-major with the given leading dimension; op(.) is the
 // transpose when the flag is set. (Row-major c is column-major c^T = op(b)^T op(a)^T: BLAS with a and b swapped.)
