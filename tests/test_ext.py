@@ -278,6 +278,26 @@ def test_samples_solved_together_equal_each_alone(monkeypatch, one_thread, isa, 
             assert torch.equal(together[b : b + 1], single), (name, b, rel_err(together[b : b + 1], single))
 
 
+def test_group_whose_first_matrix_overflows(one_thread):
+    """A float32 sample whose trace is finite (summed in double) but whose Gram matrix overflows to inf in float32
+    reaches the eigensolver, which drops it from the group; it leads the group (chain 0), in a thread whose solver
+    is new for this size (the call before is of another N). The other samples are solved as each alone, bit for bit,
+    and the overflowed one gives NaN. (The lockstep once took the size from chain 0, never started for a matrix not
+    finite: every lane stopped before its first sweep.)"""
+    fwd, _ = pool_ops("ext")
+    c, n = 16, 11  # the Gram route (n <= 13/16 c)
+    assert _ext_impl.gram_route(c, n)
+    gen = torch.Generator().manual_seed(5)
+    fwd(torch.randn(1, c, n + 1, generator=gen), None, 5, 1e-7, "3g", True, "ieee")  # another size: a new solver next
+    x = torch.randn(8, c, n, generator=gen)
+    x[0] *= 1e20
+    out = fwd(x, None, 5, 1e-7, "3g", True, "ieee")[0]
+    assert torch.isnan(out[0]).all()
+    for b in range(1, 8):
+        alone = fwd(x[b : b + 1].contiguous(), None, 5, 1e-7, "3g", True, "ieee")[0]
+        assert torch.equal(out[b : b + 1], alone), (b, rel_err(out[b : b + 1], alone))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c, n", [(64, 62), (128, 124), (17, 16)])
 def test_cxc_route_rank_deficient(dtype, c, n):

@@ -743,7 +743,16 @@ class QLChain {
                                          Filler& filler) {
     typedef T Lanes __attribute__((vector_size(L * sizeof(T))));
     typedef decltype(Lanes{} < Lanes{}) Mask;
-    const int64_t n = ch[0].n_;
+    // The size from a live chain: a chain whose matrix was not finite was never started (chain 0 included, whose n_
+    // is then 0 in a new solver, or a previous call's): with ch[0].n_ that stopped every lane before its first sweep
+    // and returned T's diagonal and the unrotated Q^T as converged.
+    int64_t n = 0;
+    for (int j = 0; j < g; ++j) {
+      if (live_in[j]) {
+        n = ch[j].n_;
+        break;
+      }
+    }
     T *dl = work, *el = dl + L * n;
     int64_t stop[L], first[L];
     int sweeps[L];
