@@ -627,11 +627,6 @@ THREEG_INLINE void form_qt(const T* a, const T* tau, int64_t n, int64_t ld, T* q
   steps.finish();
 }
 
-// What run_lockstep runs between its rounds where there is nothing to hide in them.
-struct NoFiller {
-  THREEG_INLINE void step() {}
-};
-
 // The matrices whose QL iterations QLChain<T>::run_lockstep runs together, one a vector lane: 8, or as many as one
 // vector register of the variant holds where that is fewer (AVX2 double: 4; SSE2: 4 float, 2 double): GCC keeps a
 // vector wider than the hardware's registers in memory, and 8 lanes of double on AVX2 ran the own solver slower
