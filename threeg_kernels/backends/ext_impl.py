@@ -37,12 +37,7 @@ def gram_route(c, n) -> bool:
     N <= 7/8 C below C = 128 and N <= 15/16 C from there, the measured crossovers (docs/ext.md, "Routes").
     csrc/cpu/kernels.h (gram_route) decides with the same rule; written with integer products so that symbolic
     sizes under torch.compile give guards, not an error."""
-    return 16 * n <= gram_sixteenths(c) * c
-
-
-def gram_sixteenths(c) -> int:
-    """The Gram route's largest N / C, in sixteenths, for C channels (gram_route)."""
-    return 13 if c < 96 else 14 if c < 128 else 15
+    return 16 * n <= (13 if c < 96 else 14 if c < 128 else 15) * c
 
 
 def _cpu_iterates_shape(b, c, n, iters):
